@@ -39,6 +39,15 @@ PRESETS = {
         "default: 8 4-bit outliers/head, no early layers, V g64, buffer 64": QJLConfig(),
         "16 4-bit outliers/head, m=1.5d, V g64, buffer 64": QJLConfig(outlier_fraction=1 / 4, sketch_ratio=1.5),
     },
+    # Where the default's loss comes from: remove one source of error at a time.
+    "ablate": {
+        "default": QJLConfig(),
+        "default, 8-bit V": QJLConfig(value_bits=8),
+        "default, m=8d": QJLConfig(sketch_ratio=8.0),
+        "default, V g32": QJLConfig(value_group=32),
+        "default, buffer 128": QJLConfig(buffer=128),
+        "default, 2 early layers": QJLConfig(early_layers=2),
+    },
 }
 
 
