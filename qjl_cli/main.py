@@ -1,0 +1,401 @@
+"""The `qjl` command: parses arguments, renders with Rich on stderr, maps errors to exit codes.
+
+Answers (or one JSON object with --json) go to stdout and nothing else does;
+progress bars, timings and warnings go to stderr. Every user error is one line
+`qjl: error: <message>` on stderr with a distinct exit code (ExitCode); torch
+and transformers are imported only when a command needs the model, so
+`qjl --help` and input errors answer at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+from typer.core import TyperGroup
+
+from qjl.config import ConfigError, QJLConfig
+from qjl.documents import DocumentError, read_document
+
+# click's exceptions, from whichever click Typer runs on (Typer >= 0.2x vendors its own copy as typer._click).
+_click_exceptions = sys.modules[typer.BadParameter.__module__]
+ClickException = _click_exceptions.ClickException
+UsageError = _click_exceptions.UsageError
+NoArgsIsHelpError = getattr(_click_exceptions, "NoArgsIsHelpError", ())
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    UNEXPECTED = 1  # a bug: the message says how to get a traceback
+    USAGE = 2  # bad arguments or option values (click's own usage errors use 2 as well)
+    DOCUMENT = 3  # the input document cannot be read or is not usable text
+    MODEL = 4  # the model cannot be found, converted or loaded
+    CACHE_FILE = 5  # a cache file is missing, corrupt or for another model (reserved for `qjl cache`)
+    TOO_LONG = 6  # the document does not fit the model's context
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+
+
+EXIT_CODES_HELP = """\
+Exit codes:
+  0    ok
+  1    unexpected error (a bug; set QJL_DEBUG=1 for a traceback)
+  2    bad arguments or option values
+  3    unreadable or unusable document
+  4    model problem (not found, cannot be converted or loaded)
+  5    cache-file problem
+  6    document too long for the model's context
+  130  interrupted (Ctrl-C)"""
+
+ENVIRONMENT_HELP = """\
+Environment:
+  QJL_MODEL       default model (else the embedded SmolLM2-135M-Instruct)
+  QJL_HOME        where converted models and caches live
+  HF_HUB_OFFLINE  1: never use the network for models
+  NO_COLOR        no colour on stderr
+  QJL_DEBUG       1: print tracebacks"""
+
+ASK_EXAMPLES = """\
+Examples:
+  qjl ask report.txt "What was revenue in 2023?"
+  cat notes.md | qjl ask - "Summarise the decisions"
+  qjl ask report.txt "Who signed it?" --json --kv exact
+  qjl ask report.md "Who signed it?" -m ./SmolLM2-360M.gguf"""
+
+
+def _epilog(*parts: str) -> str:
+    return "\n\n".join(parts)
+
+
+# --- the seams tests replace with a scripted fake model -------------------------------------------
+def load_model(spec: Optional[str], progress: Optional[Callable[[str], None]] = None):
+    """Load the model (imports torch/transformers only now)."""
+    from transformers.utils import logging as hf_logging
+
+    from qjl.models import load_model as _load_model
+
+    # transformers' own tqdm bars ("Loading weights", downloads) would print on stderr even off a terminal
+    # and fight the Rich spinner on one; the spinner shows the elapsed time instead.
+    hf_logging.disable_progress_bar()
+    return _load_model(spec, progress=progress)
+
+
+def new_session(loaded, config: QJLConfig):
+    from qjl.session import Session
+
+    return Session(loaded, config)
+
+
+# --- errors -> one line and an exit code ----------------------------------------------------------
+def _exit_code_for(exc: BaseException) -> Optional[int]:
+    """The exit code of a user error, None for an unexpected one.
+
+    ModelError and DocumentTooLongError live in modules that import torch; an instance of either
+    can only exist once its module is imported, so look there instead of importing it here.
+    """
+    if isinstance(exc, (ConfigError, typer.BadParameter)):
+        return ExitCode.USAGE
+    if isinstance(exc, DocumentError):
+        return ExitCode.DOCUMENT
+    models = sys.modules.get("qjl.models")
+    if models is not None and isinstance(exc, models.ModelError):
+        return ExitCode.MODEL
+    session = sys.modules.get("qjl.session")
+    if session is not None and isinstance(exc, session.DocumentTooLongError):
+        return ExitCode.TOO_LONG
+    store = sys.modules.get("qjl.store")
+    if store is not None and isinstance(exc, getattr(store, "CacheFileError", ())):
+        return ExitCode.CACHE_FILE
+    return None
+
+
+def _debug() -> bool:
+    return os.environ.get("QJL_DEBUG", "").strip() not in ("", "0")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def error(message: str) -> None:
+    typer.echo(f"qjl: error: {_one_line(message)}", err=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn every failure inside a command into one stderr line and its exit code."""
+    try:
+        yield
+    except (typer.Exit, ClickException, typer.Abort):
+        raise  # usage errors are formatted by QJLGroup.main
+    except KeyboardInterrupt:
+        typer.echo("qjl: interrupted", err=True)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except BrokenPipeError:  # `qjl ask ... | head -1`: the reader left; nothing more to say
+        _silence_stdout()
+        raise typer.Exit(141) from None
+    except Exception as e:  # noqa: BLE001 - the one place that decides what a user sees
+        code = _exit_code_for(e)
+        if _debug():
+            traceback.print_exc()
+        if code is None:
+            detail = str(e).strip() or "(no message)"
+            error(f"{type(e).__name__}: {_one_line(detail)} (set QJL_DEBUG=1 for a traceback)")
+            raise typer.Exit(ExitCode.UNEXPECTED) from None
+        error(str(e))
+        raise typer.Exit(code) from None
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests): nothing to silence
+        pass
+
+
+class QJLGroup(TyperGroup):
+    """Prints click's usage errors as one line (`qjl: error: ...`) instead of a box of usage text."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as e:  # bare `qjl`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(e, UsageError) and ctx else ""
+            error(e.format_message() + hint)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("qjl: interrupted", err=True)
+            sys.exit(ExitCode.INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else ExitCode.OK)
+
+
+app = typer.Typer(
+    cls=QJLGroup,
+    name="qjl",
+    help="Ask questions about documents with a local LLM whose KV cache is compressed with QJL "
+         "(about 3 bits per number instead of 16).",
+    epilog=_epilog(EXIT_CODES_HELP, ENVIRONMENT_HELP),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("qjl")
+    except Exception:  # noqa: BLE001 - running from a source tree that was never installed
+        return "unknown"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"qjl {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 callback=_version_callback, is_eager=True),
+) -> None:
+    """Ask questions about documents with a local LLM whose KV cache is compressed with QJL."""
+
+
+class KVMode(str, enum.Enum):
+    qjl = "qjl"
+    exact = "exact"
+
+
+@app.command(epilog=_epilog(ASK_EXAMPLES, EXIT_CODES_HELP, ENVIRONMENT_HELP))
+def ask(
+    file: str = typer.Argument(..., show_default=False,
+                               help="Document to read: a .txt or .md file, or - for stdin."),
+    question: str = typer.Argument(..., show_default=False, help="The question to answer."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", show_default=False,
+        help="Model: a Hugging Face id (org/name), a local model folder or a .gguf file. "
+             "Default: $QJL_MODEL, else the embedded SmolLM2-135M-Instruct."),
+    kv: KVMode = typer.Option(KVMode.qjl, "--kv",
+                              help="KV cache: qjl (compressed) or exact (uncompressed, to compare)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens in the answer."),
+    prefill_chunk: Optional[int] = typer.Option(
+        None, "--prefill-chunk", min=1, metavar="N", show_default=False,
+        help="Read the document N tokens at a time (less peak memory). Default: all at once."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer and measurements) on stdout."),
+    no_stream: bool = typer.Option(False, "--no-stream",
+                                   help="Print the answer at the end instead of token by token on a terminal."),
+) -> None:
+    """Answer QUESTION about the document FILE; the answer goes to stdout, progress and timings to stderr."""
+    with user_errors():
+        if not question.strip():
+            raise typer.BadParameter("the question is empty", param_hint="'question'")
+        config = QJLConfig(kv=kv.value)
+        text, name = read_document(file)
+        console = _stderr_console()
+        loaded = _load_with_progress(model, console)
+        session = new_session(loaded, config)
+        stats = _prefill_with_progress(session, text, max_new_tokens, prefill_chunk, console)
+        stream = not as_json and not no_stream and _is_terminal(sys.stdout)
+        with _AnswerOutput(console, stream) as output:
+            answer = session.ask(question, max_new_tokens=max_new_tokens, on_text=output.on_text)
+        if as_json:
+            typer.echo(json.dumps(_result(answer, stats, loaded, kv.value, name, question), ensure_ascii=False))
+        elif stream:
+            typer.echo()
+        else:
+            typer.echo(answer.text)
+        if not as_json:
+            if not answer.text:
+                console.print("qjl: warning: the model gave an empty answer", markup=False, highlight=False)
+            console.print(_summary(stats, answer, loaded, kv.value), markup=False, highlight=False,
+                          style="dim", soft_wrap=True)
+        if answer.stopped:
+            raise KeyboardInterrupt
+
+
+class _AnswerOutput:
+    """Streams pieces to stdout when asked; on a terminal a spinner on stderr fills the wait for the first token."""
+
+    def __init__(self, console: Console, stream: bool):
+        self.stream = stream
+        self.status = console.status("Answering...", spinner="dots") if console.is_terminal else None
+        self.pieces = 0
+        # None when there is nothing to do per piece, so the session need not call back.
+        self.on_text = self._on_text if stream or self.status else None
+
+    def __enter__(self) -> "_AnswerOutput":
+        if self.status:
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop_status()
+
+    def _on_text(self, piece: str) -> None:
+        self.pieces += 1
+        if self.stream:
+            self._stop_status()  # the answer takes over the terminal
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        elif self.status:
+            self.status.update(f"Answering... {self.pieces} tokens")
+
+    def _stop_status(self) -> None:
+        if self.status:
+            self.status.stop()
+            self.status = None
+
+
+def _result(answer, stats, loaded, kv: str, name: str, question: str) -> dict:
+    return {
+        "answer": answer.text,
+        "model": loaded.name,
+        "kv": kv,
+        "document": name,
+        "question": question,
+        "document_tokens": stats.document_tokens,
+        "question_tokens": answer.question_tokens,
+        "prompt_tokens": stats.document_tokens + answer.question_tokens,
+        "generated_tokens": answer.generated_tokens,
+        "kv_bytes": stats.kv_bytes,
+        "fp16_bytes": stats.fp16_bytes,
+        "bits_per_number": round(stats.kv_bits_per_number, 4),
+        "prefill_s": round(stats.prefill_s, 4),
+        "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
+        "first_token_s": round(answer.first_token_s, 4),
+        "decode_ms_per_token": round(answer.decode_ms_per_token, 3),
+        "stopped": answer.stopped,
+    }
+
+
+def _summary(stats, answer, loaded, kv: str) -> str:
+    return (f"{loaded.name}, --kv {kv}: {stats.document_tokens:,} document tokens read in {stats.prefill_s:.1f} s "
+            f"({stats.prefill_tokens_per_s:,.0f} tokens/s); KV cache {_mb(stats.kv_bytes)}, "
+            f"{stats.kv_bits_per_number:.2f} bits/number (16-bit: {_mb(stats.fp16_bytes)}); "
+            f"first token {answer.first_token_s:.2f} s, {answer.decode_ms_per_token:.0f} ms/token, "
+            f"{answer.generated_tokens} tokens")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+# --- rendering on stderr ------------------------------------------------------------------------------
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _stderr_console():
+    no_color = bool(os.environ.get("NO_COLOR")) or not _is_terminal(sys.stderr)
+    return Console(file=sys.stderr, no_color=no_color, highlight=False,
+                   force_terminal=_is_terminal(sys.stderr) or None)
+
+
+def _load_with_progress(spec: Optional[str], console):
+    if not console.is_terminal:
+        # No bars off a terminal; a first conversion of a GGUF file still says why it takes half a minute.
+        return load_model(spec, progress=lambda message: console.print(f"qjl: {message}", markup=False))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        what = spec or os.environ.get("QJL_MODEL")
+        task = bar.add_task(f"Loading model {what}" if what else "Loading the embedded model", total=None)
+        t0 = time.perf_counter()
+        loaded = load_model(spec, progress=lambda message: bar.update(task, description=message))
+    console.print(f"Loaded {loaded.name} in {time.perf_counter() - t0:.1f} s", style="dim", markup=False)
+    return loaded
+
+
+def _prefill_with_progress(session, text: str, max_new_tokens: int, chunk: Optional[int], console):
+    if not console.is_terminal:
+        return session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk)
+    with Progress(TextColumn("Reading document"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  _TokensPerSecond(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("prefill", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk, progress=progress)
+
+
+class _TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} tokens/s" if task.speed else "? tokens/s")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # between commands, e.g. while Python is still importing
+        typer.echo("qjl: interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    run()
