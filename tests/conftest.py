@@ -1,0 +1,138 @@
+"""Shared fixtures: an isolated QJL_HOME, the embedded model converted once, and a scripted fake model.
+
+A test never needs the network: HF_HUB_OFFLINE is set before anything imports huggingface_hub
+(which reads it once, at import).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture
+def qjl_home(tmp_path, monkeypatch) -> Path:
+    """QJL_HOME in a fresh temp dir, so a test never reads or writes the user's converted models and caches."""
+    home = tmp_path / "qjl-home"
+    monkeypatch.setenv("QJL_HOME", str(home))
+    for var in ("QJL_MODEL", "QJL_DEBUG", "NO_COLOR"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def embedded_model_home(tmp_path_factory) -> Path:
+    """A QJL_HOME holding the embedded model converted to safetensors, converted once per test session.
+
+    Reuses QJL_HOME from the environment when it already has models/ (a developer's warm home);
+    otherwise converts into a session temp dir (about 20-30 s, once).
+    """
+    env = os.environ.get("QJL_HOME")
+    home = Path(env) if env and (Path(env) / "models").is_dir() else tmp_path_factory.mktemp("qjl-home")
+    from qjl.models import EMBEDDED, ModelError, resolve_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QJL_HOME", str(home))
+        try:
+            resolve_model(EMBEDDED)
+        except ModelError as e:
+            pytest.fail(f"this test needs the embedded model: {e}")
+    return home
+
+
+@pytest.fixture
+def embedded_home(qjl_home, embedded_model_home, monkeypatch) -> Path:
+    """Point QJL_HOME at the converted embedded model (overrides qjl_home for tests that run the real model)."""
+    monkeypatch.setenv("QJL_HOME", str(embedded_model_home))
+    return embedded_model_home
+
+
+# --- a scripted fake model for CLI tests -------------------------------------------------------------
+@dataclass
+class FakeScript:
+    """What the fake model does; tests change the fields before invoking the CLI."""
+
+    pieces: list = field(default_factory=lambda: ["The ", "general ", "manager ", "is ", "Ana ", "Ruiz."])
+    context_length: int = 8192
+    name: str = "fake-model"
+    fail: dict = field(default_factory=dict)  # stage ("load", "session", "prefill", "ask") -> exception to raise
+    interrupt_after: int | None = None  # the answer stops (as on Ctrl-C) after this many pieces
+    calls: dict = field(default_factory=dict)  # what the CLI passed in, by stage
+
+    def check(self, stage: str) -> None:
+        if stage in self.fail:
+            raise self.fail[stage]
+
+
+@dataclass
+class FakeLoaded:
+    name: str
+    context_length: int
+    source: str = "fake"
+    identity: str = "fake"
+
+
+class FakeSession:
+    """Stands in for qjl.session.Session: counts words as tokens and answers with the scripted pieces."""
+
+    PROMPT_TOKENS = 30  # chat template and instructions around the document
+
+    def __init__(self, script: FakeScript, loaded: FakeLoaded, config):
+        self.script, self.loaded, self.config = script, loaded, config
+
+    def load_document(self, text, max_new_tokens=256, chunk=None, progress=None):
+        from qjl.session import QUESTION_RESERVE, DocumentStats, DocumentTooLongError
+
+        self.script.calls["prefill"] = dict(text=text, max_new_tokens=max_new_tokens, chunk=chunk)
+        n = len(text.split()) + self.PROMPT_TOKENS
+        limit = self.loaded.context_length - QUESTION_RESERVE - max_new_tokens
+        if n > limit:
+            raise DocumentTooLongError(n, limit, self.loaded.context_length)
+        self.script.check("prefill")
+        if progress:
+            progress(n // 2, n)
+            progress(n, n)
+        fp16 = n * 2 * 30 * 3 * 64 * 2
+        bits = 3.0 if self.config.kv == "qjl" else 16.0
+        return DocumentStats(n, 0.5, int(fp16 * bits / 16), bits, fp16)
+
+    def ask(self, question, max_new_tokens=256, on_text=None):
+        from qjl.session import Answer
+
+        self.script.calls["ask"] = dict(question=question, max_new_tokens=max_new_tokens, on_text=on_text)
+        self.script.check("ask")
+        pieces = self.script.pieces[:max_new_tokens]
+        stopped = self.script.interrupt_after is not None
+        if stopped:
+            pieces = pieces[:self.script.interrupt_after]
+        for piece in pieces:
+            if on_text:
+                on_text(piece)
+        return Answer("".join(pieces).strip(), len(question.split()) + 5, len(pieces), 0.01, 2.0, stopped)
+
+
+@pytest.fixture
+def fake_model(monkeypatch) -> FakeScript:
+    """Replace the CLI's model loading and Session with the scripted fake; returns the script to adjust."""
+    import qjl_cli.main as cli
+
+    script = FakeScript()
+
+    def load_model(spec, progress=None):
+        script.calls["load"] = dict(spec=spec)
+        script.check("load")
+        return FakeLoaded(script.name, script.context_length)
+
+    def new_session(loaded, config):
+        script.calls["session"] = dict(config=config)
+        script.check("session")
+        return FakeSession(script, loaded, config)
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+    monkeypatch.setattr(cli, "new_session", new_session)
+    return script
