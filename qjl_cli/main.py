@@ -44,6 +44,7 @@ class ExitCode(enum.IntEnum):
     CACHE_FILE = 5  # a cache file is missing, corrupt or for another model (reserved for `qjl cache`)
     TOO_LONG = 6  # the document does not fit the model's context
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+    BROKEN_PIPE = 141  # stdout closed early (`| head`): quietly, as a process killed by SIGPIPE reports it
 
 
 EXIT_CODES_HELP = """\
@@ -80,12 +81,15 @@ def _epilog(*parts: str) -> str:
 # --- the seams tests replace with a scripted fake model -------------------------------------------
 def load_model(spec: Optional[str], progress: Optional[Callable[[str], None]] = None):
     """Load the model (imports torch/transformers only now)."""
+    # transformers' and the hub's own tqdm bars ("Loading weights", "Converting and de-quantizing GGUF tensors",
+    # downloads) would print on stderr even off a terminal and fight the Rich spinner on one, which shows the
+    # elapsed time instead. The GGUF bar uses tqdm directly, so only tqdm's TQDM_DISABLE (read when tqdm is
+    # first imported, i.e. below) silences it.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging as hf_logging
 
     from qjl.models import load_model as _load_model
 
-    # transformers' own tqdm bars ("Loading weights", downloads) would print on stderr even off a terminal
-    # and fight the Rich spinner on one; the spinner shows the elapsed time instead.
     hf_logging.disable_progress_bar()
     return _load_model(spec, progress=progress)
 
@@ -143,7 +147,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except BrokenPipeError:  # `qjl ask ... | head -1`: the reader left; nothing more to say
         _silence_stdout()
-        raise typer.Exit(141) from None
+        raise typer.Exit(ExitCode.BROKEN_PIPE) from None
     except Exception as e:  # noqa: BLE001 - the one place that decides what a user sees
         code = _exit_code_for(e)
         if _debug():
@@ -266,13 +270,20 @@ def ask(
             typer.echo()
         else:
             typer.echo(answer.text)
+        if answer.generated_tokens >= max_new_tokens and not answer.stopped:
+            _warn(console, f"the answer stopped at --max-new-tokens {max_new_tokens} and may be cut short; "
+                           f"raise it for a longer answer")
         if not as_json:
             if not answer.text:
-                console.print("qjl: warning: the model gave an empty answer", markup=False, highlight=False)
+                _warn(console, "the model gave an empty answer")
             console.print(_summary(stats, answer, loaded, kv.value), markup=False, highlight=False,
                           style="dim", soft_wrap=True)
         if answer.stopped:
             raise KeyboardInterrupt
+
+
+def _warn(console: Console, message: str) -> None:
+    console.print(f"qjl: warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 class _AnswerOutput:
@@ -359,7 +370,8 @@ def _stderr_console():
 def _load_with_progress(spec: Optional[str], console):
     if not console.is_terminal:
         # No bars off a terminal; a first conversion of a GGUF file still says why it takes half a minute.
-        return load_model(spec, progress=lambda message: console.print(f"qjl: {message}", markup=False))
+        return load_model(spec, progress=lambda message: console.print(f"qjl: {message}", markup=False,
+                                                                       soft_wrap=True))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         what = spec or os.environ.get("QJL_MODEL")

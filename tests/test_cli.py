@@ -97,6 +97,7 @@ def test_options_reach_the_session(fake_model, doc):
     assert fake_model.calls["ask"]["max_new_tokens"] == 3
     data = json.loads(result.stdout)
     assert data["kv"] == "exact" and data["generated_tokens"] == 3
+    assert result.stderr.startswith("qjl: warning: the answer stopped at --max-new-tokens 3")  # never cut silently
 
 
 def test_streams_on_a_terminal(fake_model, doc, monkeypatch):
