@@ -67,6 +67,9 @@ class QJLConfig:
             raise ConfigError(f"outlier_scope must be 'group' or 'head', not {self.outlier_scope!r}")
         if self.outlier_bits not in (4, 8, 16):
             raise ConfigError(f"outlier_bits must be 4, 8 or 16, not {self.outlier_bits}")
+        if self.outlier_bits < 16 and self.group_size * self.outlier_bits % 8:
+            raise ConfigError(f"group_size {self.group_size} of {self.outlier_bits}-bit outliers does not fill whole "
+                              f"bytes; use a multiple of {8 // self.outlier_bits}")
         if self.outlier_bits < 16 and self.outlier_scope != "head":
             raise ConfigError("quantised outliers (outlier_bits < 16) need outlier_scope='head'")
         if self.value_group < 1:

@@ -167,12 +167,15 @@ class QJLKeys:
         k = torch.zeros(B, H, T, self.head_dim)
         if self.mean is not None:
             k = k + self.mean.unsqueeze(2).cpu()
-        if self.outliers:
+        if self.head_outliers is not None:
+            idx = self.head_outliers.cpu().unsqueeze(2).expand(B, H, T, -1)
+            k.scatter_add_(3, idx, self._head_outlier_values(state).cpu())
+        elif self.outliers:
             idx = state["key_outlier_index"].long().cpu()
             NG, r = idx.shape[2], idx.shape[3]
             vals = state["key_outlier_values"].float().cpu().view(B, H, NG, -1, r)
             kg = k.view(B, H, NG, -1, self.head_dim)
-            kg.scatter_(4, idx.unsqueeze(3).expand_as(vals), vals)
+            kg.scatter_add_(4, idx.unsqueeze(3).expand_as(vals), vals)
         return k
 
     def params(self) -> dict[str, torch.Tensor]:

@@ -280,10 +280,7 @@ def test_centering_reduces_error_on_keys_with_a_common_offset():
 
 @pytest.mark.parametrize("center", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="library bug: QJLKeys.decode_approx writes the (centred) outlier values over the mean with scatter_ "
-               "instead of adding them, so with center_keys it returns k - mean at outlier channels, not k")),
+    True,
 ])
 def test_decode_approx_group_scope_is_mean_plus_outliers(center):
     B, H, T, D, G, r = 1, 2, 64, 64, 32, 4
@@ -302,9 +299,6 @@ def test_decode_approx_group_scope_is_mean_plus_outliers(center):
         torch.testing.assert_close(ag.gather(4, idx), kg.gather(4, idx), rtol=1e-3, atol=1e-2)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="library bug: QJLKeys.decode_approx reads state['key_outlier_index'], which only group-scoped "
-                          "outliers store; with outlier_scope='head' (the QJLConfig default) it raises KeyError")
 def test_decode_approx_head_scope_is_mean_plus_outliers():
     from qjl.config import QJLConfig
 
@@ -318,10 +312,6 @@ def test_decode_approx_head_scope_is_mean_plus_outliers():
     torch.testing.assert_close(approx, expect)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="library bug: QJLConfig accepts an odd group_size with the default 4-bit outliers, but "
-                          "QJLKeys.encode then cannot pack a group's G 4-bit codes into bytes and fails with a reshape "
-                          "RuntimeError instead of the config raising ConfigError")
 @pytest.mark.parametrize("G", [5, 1])
 def test_odd_group_size_is_rejected_or_works(G):
     from qjl.config import ConfigError, QJLConfig
