@@ -9,10 +9,12 @@ consecutive chunks concatenate along dim 2) and scores queries against it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from .values import QuantValues
+from .values import QuantValues, unpack_codes_float
 from .sketch import byte_sign_table, jl_projection, jl_projection_on, pack_bits, sign_estimator_scale
 
 # State tensors indexed by group rather than by token (dim 2 counts groups).
@@ -28,14 +30,16 @@ def sign_dots(table: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """
     B, H, Q, nbytes, _ = table.shape
     T = signs.shape[2]
-    offsets = (torch.arange(H, device=signs.device).view(H, 1) * (nbytes * 256)
-               + torch.arange(nbytes, device=signs.device) * 256).to(torch.int32)  # [H, m/8]
-    out = []
-    for b in range(B):
-        bags = (signs[b].to(torch.int32) + offsets.unsqueeze(1)).reshape(H * T, nbytes)
-        weight = table[b].permute(0, 2, 3, 1).reshape(H * nbytes * 256, Q)
-        out.append(F.embedding_bag(bags, weight, mode="sum").view(H, T, Q).transpose(1, 2))
-    return torch.stack(out)
+    offsets = _bag_offsets(B * H, nbytes, str(signs.device))  # [B*H, 1, m/8]: row of (head, byte) in the table
+    bags = (signs.reshape(B * H, T, nbytes).to(torch.int32) + offsets).reshape(B * H * T, nbytes)
+    weight = table.permute(0, 1, 3, 4, 2).reshape(B * H * nbytes * 256, Q)
+    return F.embedding_bag(bags, weight, mode="sum").view(B, H, T, Q).transpose(2, 3)
+
+
+@functools.lru_cache(maxsize=64)
+def _bag_offsets(heads: int, nbytes: int, device: str) -> torch.Tensor:
+    rows = torch.arange(heads).view(heads, 1) * (nbytes * 256) + torch.arange(nbytes) * 256
+    return rows.to(torch.int32).unsqueeze(1).to(device)
 
 
 class QJLKeys:
@@ -143,7 +147,17 @@ class QJLKeys:
         B, H, Q, D = q.shape
         if self.head_outliers is not None:
             q_sel = q.gather(3, self.head_outliers.unsqueeze(2).expand(B, H, Q, -1))  # [B, H, Q, r]
-            return q_sel @ self._head_outlier_values(state).transpose(2, 3)
+            if self.outlier_codec is None:
+                return q_sel @ state["key_outlier_values"].float().transpose(2, 3)
+            # Codes stay in their [group, channel, token] rows: sum_j q_j (s_gj c_gjt + z_gj).
+            r, G = self.outliers, self.group_size
+            codes = unpack_codes_float(state["key_outlier_value_codes"], self.outlier_bits)  # [B, H, NG*r, G]
+            NG = codes.shape[2] // r
+            scales = state["key_outlier_value_scales"].float().view(B, H, 1, NG, r)
+            mins = state["key_outlier_value_mins"].float().view(B, H, 1, NG, r)
+            qs = q_sel.unsqueeze(3)  # [B, H, Q, 1, r]
+            dots = torch.einsum("bhqnr,bhnrg->bhqng", qs * scales, codes.view(B, H, NG, r, G))
+            return (dots + (qs * mins).sum(-1, keepdim=True)).reshape(B, H, Q, NG * G)
         idx = state["key_outlier_index"].long()  # [B, H, NG, r]
         NG, r = idx.shape[2], idx.shape[3]
         vals = state["key_outlier_values"].float().view(B, H, NG, -1, r)  # [B, H, NG, G, r]

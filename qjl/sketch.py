@@ -76,7 +76,12 @@ def byte_sign_table(proj: torch.Tensor) -> torch.Tensor:
     Scoring a packed key is then m/8 table look-ups instead of m multiply-adds.
     """
     *lead, m = proj.shape
-    signs = unpack_bits(torch.arange(256, dtype=torch.uint8, device=proj.device).unsqueeze(-1))  # [256, 8]
-    signs = signs.to(proj.dtype) * 2 - 1
     p = proj.reshape(*lead, m // 8, 8)
-    return p @ signs.T  # [..., m/8, 256]
+    return p @ _byte_signs(str(proj.device), proj.dtype)  # [..., m/8, 256]
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_signs(device: str, dtype: torch.dtype) -> torch.Tensor:
+    """[8, 256]: entry (j, b) is +1 if bit j of byte b is set, else -1."""
+    bits = unpack_bits(torch.arange(256, dtype=torch.uint8).unsqueeze(-1))  # [256, 8]
+    return (bits.to(dtype) * 2 - 1).T.contiguous().to(device)

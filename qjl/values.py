@@ -96,7 +96,9 @@ class QuantValues:
         B, H, Q, T = w.shape
         ng = self.head_dim // self.group
         scales = state["value_scales"].float()  # [B, H, T, ng]
-        out = (w @ state["value_mins"].float()).repeat_interleave(self.group, dim=-1)  # sum_t w_t z_tg
+        out = w @ state["value_mins"].float()  # sum_t w_t z_tg: [B, H, Q, ng]
+        out = out.expand(B, H, Q, self.head_dim) if ng == 1 else out.repeat_interleave(self.group, dim=-1)
+        out = out.contiguous()
         for start in range(0, T, _BLOCK):
             end = min(T, start + _BLOCK)
             codes = unpack_codes_float(state["value_codes"][:, :, start:end], self.bits)  # [B, H, t, D]

@@ -176,7 +176,9 @@ def test_folded_gqa_queries(scope, bits):
     full = codec.scores(q, state)
     assert full.shape == (B, H, Q, T)
     rows = torch.cat([codec.scores(q[:, :, i:i + 1], state) for i in range(Q)], dim=2)
-    torch.testing.assert_close(full, rows, rtol=1e-5, atol=1e-5)
+    # float32 sums in another order (batched matmul vs one row) differ in the last bits: 1e-5 of the scale.
+    tol = 1e-5 * full.abs().max().item()
+    torch.testing.assert_close(full, rows, rtol=1e-5, atol=tol)
     # Batch entries are independent too: batch 1 alone (its state, mean and head channels) scores the same.
     one = copy.copy(codec)
     if codec.mean is not None:
