@@ -16,6 +16,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test of tiny tensors on one thread: on a loaded 2-core machine MKL's spinning second thread made
+    hundreds of small QRs take minutes instead of a second."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def qjl_home(tmp_path, monkeypatch) -> Path:
     """QJL_HOME in a fresh temp dir, so a test never reads or writes the user's converted models and caches."""
     home = tmp_path / "qjl-home"

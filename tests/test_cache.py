@@ -17,13 +17,7 @@ from qjl.config import QJLConfig
 DOC, TAIL = 600, 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models; on a loaded 2-core machine MKL's spinning second thread only slows things down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(head_dim=64, heads=4, kv_heads=2, layers=2, qk_scale=3.0):

@@ -14,13 +14,7 @@ from qjl.keys import QJLKeys
 from qjl.sketch import jl_projection, sign_estimator_scale, unpack_bits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors; on a loaded 2-core machine MKL's spinning second thread only slows things down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _codec(d=64, m=128, r=8, group=32, center=True, scope="group", bits=16, seed=0) -> QJLKeys:

@@ -10,14 +10,7 @@ import torch
 from qjl.sketch import byte_sign_table, jl_projection, pack_bits, sign_estimator_scale, unpack_bits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second thread buys nothing, and on a loaded 2-core machine MKL's spinning threads made
-    # the 800 small QRs below take minutes instead of a second.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the projection ---------------------------------------------------------------------

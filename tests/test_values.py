@@ -9,13 +9,7 @@ from qjl import values as values_mod
 from qjl.values import QuantValues, pack_codes, unpack_codes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors; on a loaded 2-core machine MKL's spinning second thread only slows things down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
