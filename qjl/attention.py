@@ -68,7 +68,7 @@ def qjl_attention_forward(module, query, key, value, attention_mask, scaling=Non
             out = exact_attention(query, k, v, scaling)
         else:
             out = compressed_attention(layer, query, scaling)
-        layer.compress_excess()
+        layer.compress_excess(query)
     else:
         if attention_mask is not None:
             # A padded batch from outside the CLI: honour the mask transformers built.

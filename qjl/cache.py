@@ -111,8 +111,12 @@ class QJLLayer(CacheLayerMixin):
         v = torch.cat([t.to(dtype) for t in parts_v], dim=2) if len(parts_v) > 1 else parts_v[0].to(dtype)
         return k, v
 
-    def compress_excess(self) -> None:
-        """Move whole groups from the front of the window into the compressed part, keeping `buffer` exact."""
+    def compress_excess(self, query: torch.Tensor | None = None) -> None:
+        """Move whole groups from the front of the window into the compressed part, keeping `buffer` exact.
+
+        query: [B, Hq, L, D], the queries that just attended (the attention function passes them); their
+        channel energies steer the choice of outlier channels at the first flush.
+        """
         if self.frozen or self.window_k is None:
             return
         G, keep = self.config.group_size, self.config.buffer
@@ -121,7 +125,11 @@ class QJLLayer(CacheLayerMixin):
         if n_flush <= 0:
             return
         k_old, v_old = self.window_k[:, :, :n_flush], self.window_v[:, :, :n_flush]
-        self.key_state = _cat_states(self.key_state, self.key_codec.encode(k_old))
+        qe = None
+        if query is not None and self.config.query_aware_outliers:  # [B, Hq, L, D] -> [B, H, D]
+            B, Hq, L, D = query.shape
+            qe = query.float().pow(2).reshape(B, self.num_kv_heads, -1, D).mean(dim=2)
+        self.key_state = _cat_states(self.key_state, self.key_codec.encode(k_old, qe))
         self.value_state = _cat_states(self.value_state, self.value_codec.encode(v_old))
         self.window_k = self.window_k[:, :, n_flush:].clone()
         self.window_v = self.window_v[:, :, n_flush:].clone()

@@ -88,8 +88,12 @@ class QJLKeys:
         return self
 
     # --- encode -------------------------------------------------------------------------
-    def encode(self, k: torch.Tensor) -> dict[str, torch.Tensor]:
-        """k: [B, H, T, D] with T a multiple of group_size -> state."""
+    def encode(self, k: torch.Tensor, query_energy: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """k: [B, H, T, D] with T a multiple of group_size -> state.
+
+        query_energy: [B, H, D] mean q_j^2 of the queries that attended these keys (folded over the query
+        heads of each KV head); with per-head outliers, the first encode picks channels by q_j^2 k_j^2.
+        """
         B, H, T, D = k.shape
         G = self.group_size
         if T % G:
@@ -103,7 +107,11 @@ class QJLKeys:
         r = self.outliers
         if r and self.outlier_scope == "head":
             if self.head_outliers is None:
-                self.head_outliers = k.norm(dim=2).topk(r, dim=-1).indices.sort(dim=-1).values  # [B, H, r]
+                energy = k.pow(2).mean(dim=2)  # [B, H, D]
+                if query_energy is not None:
+                    # Channel j adds about q_j^2 k_j^2 to the variance of <q,k>'s estimate: keep those exact.
+                    energy = energy * query_energy.to(energy.device)
+                self.head_outliers = energy.topk(r, dim=-1).indices.sort(dim=-1).values  # [B, H, r]
             hidx = self.head_outliers.unsqueeze(2).expand(B, H, T, r)
             out = k.gather(3, hidx)  # [B, H, T, r]
             if self.outlier_codec is None:

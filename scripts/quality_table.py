@@ -24,7 +24,7 @@ from qjl.models import load_model
 
 PAPER = QJLConfig(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
-HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8)
+HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8, query_aware_outliers=False)
 
 PRESETS = {
     # The table in BENCHMARKS.md: the paper's recipe, one change at a time, then the defaults.
@@ -33,11 +33,13 @@ PRESETS = {
         "paper, no outliers": PAPER.replace(outlier_fraction=0.0),
         "paper + centred keys": PAPER.replace(center_keys=True),
         "paper, m=4d": PAPER.replace(sketch_ratio=4.0),
-        "paper, outliers per head": PAPER.replace(outlier_scope="head"),
+        "paper, outliers per head": PAPER.replace(outlier_scope="head", query_aware_outliers=False),
         "8 fp16 outliers per head": HEAD8,
         "8 4-bit outliers per head": HEAD8.replace(outlier_bits=4),
-        "default: 8 4-bit outliers/head, no early layers, V g64, buffer 64": QJLConfig(),
+        "default: 8 4-bit outliers/head by q^2k^2, no early layers, V g64, buffer 64": QJLConfig(),
+        "default, outliers by k^2 only": QJLConfig(query_aware_outliers=False),
         "16 4-bit outliers/head, m=1.5d, V g64, buffer 64": QJLConfig(outlier_fraction=1 / 4, sketch_ratio=1.5),
+        "default, buffer 96": QJLConfig(buffer=96),
     },
     # Where the default's loss comes from: remove one source of error at a time.
     "ablate": {
