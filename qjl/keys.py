@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from .values import QuantValues, unpack_codes_float
 from .sketch import byte_sign_table, jl_projection, jl_projection_on, pack_bits, sign_estimator_scale
 
-# State tensors indexed by group rather than by token (dim 2 counts groups).
-GROUP_INDEXED = frozenset({"key_outlier_index"})
 
 
 def sign_dots(table: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -138,7 +136,6 @@ class QJLKeys:
         q = q.float()
         B, H, Q, D = q.shape
         signs = state["key_signs"]  # [B, H, T, m/8]
-        T, nbytes = signs.shape[2], signs.shape[3]
         q_sketch = q
         if self.head_outliers is not None:  # the outlier channels are exact: keep them out of the estimator's noise
             q_sketch = q.scatter(3, self.head_outliers.unsqueeze(2).expand(B, H, Q, -1), 0.0)
