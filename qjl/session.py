@@ -162,6 +162,24 @@ class Session:
         self.check_fits(len(ids), max_new_tokens)
         return self.prefill(ids, chunk=chunk, progress=progress)
 
+    # --- cache files (qjl/store.py) ---------------------------------------------------------
+    def save_cache(self, path, source_info: dict | None = None):
+        """Write the document segment (a frozen --kv qjl cache) to a .qjl file; returns its path."""
+        from .store import save_cache
+
+        return save_cache(path, self, source_info)
+
+    def load_cache(self, path) -> DocumentStats:
+        """Answer from a saved .qjl file instead of a prefill: cache, settings and prompt template come from it."""
+        from .store import load_cache
+
+        cache, meta = load_cache(path, self.loaded, device=self.device)
+        self.cache, self.config = cache, cache.config
+        self.document_tokens = meta["document_tokens"]
+        self.suffix_template = meta["suffix_template"]
+        self.cache_info = meta
+        return self.stats(0.0)
+
     def stats(self, prefill_s: float = 0.0) -> DocumentStats:
         n_layers = self.model.config.num_hidden_layers
         cfg = self.model.config

@@ -1,0 +1,384 @@
+"""Cache files: the document segment of a frozen QJLCache as one safetensors file (DESIGN.md §6).
+
+Layout of a `.qjl` file:
+  tensors   `layers.{i}.{name}` for every document tensor of layer i (codec states, exact window,
+            per-layer parameters such as `key_head_outliers`), except the JL projection, which is
+            stored once per layer class as `projections.{seed}` (layers of a class share one matrix);
+  metadata  strings only (safetensors' rule): format name and version, QJLConfig JSON, model name and
+            identity, geometry, token counts, the prompt's suffix template, source file, creation time,
+            and a sha256 checksum over the metadata and every tensor's name, dtype, shape and bytes.
+
+No pickle anywhere: safetensors holds raw bytes and a JSON header, so a file from a stranger cannot run
+code. Every problem with a file raises `CacheFileError`, one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .cache import QJLCache
+from .config import QJLConfig
+from .keys import QJLKeys
+from .values import QuantValues
+
+FORMAT_NAME = "qjl-cache"
+FORMAT_VERSION = "1"
+# Written in pieces so a huge cache never needs a second copy in a single write call.
+_CHUNK_BYTES = 1 << 20
+_WINDOW_NAMES = ("window_keys", "window_values")
+_PARAM_NAMES = ("projection", "key_mean", "key_head_outliers")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class CacheFileError(ValueError):
+    """A cache file is missing, unreadable, corrupt, of another version or for another model."""
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def describe_source(name: str, text: str, path: str | os.PathLike | None = None) -> dict:
+    """Source info for a cache file: name, size and sha256 of the file's bytes (of the text for stdin)."""
+    if path is not None and str(path) != "-" and Path(path).is_file():
+        data = Path(path).read_bytes()
+    else:
+        data = text.encode("utf-8")
+    return {"name": str(name), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _model_geometry(model_config) -> tuple[int, int, int]:
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    n_kv = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    return int(model_config.num_hidden_layers), int(n_kv), int(head_dim)
+
+
+def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the metadata (without the checksum) and every tensor's name, dtype, shape and bytes, by name."""
+    h = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != "checksum"}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_tensors(cache: QJLCache) -> dict[str, torch.Tensor]:
+    """Every tensor a file stores, by file name, on the CPU and contiguous."""
+    out: dict[str, torch.Tensor] = {}
+    for layer in cache.layers:
+        for name, t in layer.document_tensors().items():
+            if name == "projection":
+                out.setdefault(f"projections.{layer.key_codec.seed}", t.detach().cpu().contiguous().clone())
+            else:
+                out[f"layers.{layer.layer_idx}.{name}"] = t.detach().cpu().contiguous().clone()
+    return out
+
+
+# --- save ------------------------------------------------------------------------------------------
+def cache_metadata(cache: QJLCache, *, model_name: str, identity: str, suffix_template: str,
+                   source: dict | None = None) -> dict:
+    if not isinstance(cache, QJLCache):
+        raise CacheFileError("only a compressed cache (--kv qjl) can be saved to a cache file")
+    if not all(layer.frozen for layer in cache.layers):
+        raise CacheFileError("the cache holds no finished document (prefill a document before saving)")
+    source = source or {}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": cache.config.to_json(),
+        "model_name": str(model_name),
+        "model_identity": str(identity),
+        "num_layers": str(cache.num_layers),
+        "num_kv_heads": str(cache.num_kv_heads),
+        "head_dim": str(cache.head_dim),
+        "document_tokens": str(cache.document_tokens),
+        "n_compressed": json.dumps([layer.n_compressed for layer in cache.layers]),
+        "suffix_template": suffix_template,
+        "source_name": str(source.get("name", "")),
+        "source_size": str(source.get("size", "")),
+        "source_sha256": str(source.get("sha256", "")),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_cache_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write tensors + metadata (with its checksum) atomically: temp file in the same folder, fsync, rename."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    metadata = dict(metadata)
+    metadata["checksum"] = _checksum(metadata, tensors)
+    data = save(tensors, metadata=metadata)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise CacheFileError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            view = memoryview(data)
+            for start in range(0, len(view), _CHUNK_BYTES):
+                f.write(view[start:start + _CHUNK_BYTES])
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise CacheFileError(f"cannot write {path}: {e.strerror or e}; check the folder and free space") from None
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_cache(path: str | os.PathLike, session, source_info: dict | None = None) -> Path:
+    """Save the document segment of `session` (a Session whose cache is a frozen QJLCache) to `path`."""
+    cache = session.cache
+    meta = cache_metadata(cache, model_name=session.loaded.name, identity=session.loaded.identity,
+                          suffix_template=session.suffix_template, source=source_info)
+    return write_cache_file(path, _file_tensors(cache), meta)
+
+
+# --- read ------------------------------------------------------------------------------------------
+def _open(path: Path):
+    """(metadata, {name: tensor}) of a safetensors file, every failure a CacheFileError."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise CacheFileError(f"cache file not found: {path}; check the path or save one with `qjl cache save`")
+    if not path.is_file():
+        raise CacheFileError(f"{path} is not a file; give a .qjl cache file")
+    if not os.access(path, os.R_OK):
+        raise CacheFileError(f"cannot read {path}: permission denied; check its permissions")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # memory-mapped; tensors copied out
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except CacheFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the Rust reader's errors (header, truncation, offsets) and OSError
+        detail = " ".join(str(e).split())[:160] or type(e).__name__
+        raise CacheFileError(f"{path} is not a readable cache file (truncated or corrupted: {detail}); "
+                             f"save it again with `qjl cache save`") from None
+    return metadata, tensors
+
+
+def _meta_int(meta: dict, key: str, path: Path) -> int:
+    try:
+        v = int(meta[key])
+    except (KeyError, ValueError, TypeError):
+        raise CacheFileError(f"{path}: metadata field {key!r} is missing or not a number; the file is "
+                             f"corrupted, save it again") from None
+    if v < 0:
+        raise CacheFileError(f"{path}: metadata field {key!r} is negative; the file is corrupted, save it again")
+    return v
+
+
+def _check_header(meta: dict, path: Path) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CacheFileError(f"{path} is a safetensors file but not a qjl cache file; give a file made by "
+                             f"`qjl cache save`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CacheFileError(f"{path} has cache format version {meta.get('format_version')!r}, this qjl reads "
+                             f"version {FORMAT_VERSION}; save the document again with this qjl")
+
+
+def _check_checksum(meta: dict, tensors: dict, path: Path) -> None:
+    if meta.get("checksum") != _checksum(meta, tensors):
+        raise CacheFileError(f"{path} failed its checksum (the file is corrupted); save the document again")
+
+
+def _parse_config(meta: dict, path: Path) -> QJLConfig:
+    try:
+        d = json.loads(meta["config"])
+        if not isinstance(d, dict):
+            raise TypeError
+        config = QJLConfig.from_dict(d)
+    except Exception as e:  # noqa: BLE001 - JSON, unknown fields, bad values, wrong types
+        raise CacheFileError(f"{path}: its QJL settings cannot be read ({' '.join(str(e).split())[:120]}); "
+                             f"save the document again with this qjl") from None
+    if config.kv != "qjl":
+        raise CacheFileError(f"{path}: not a compressed (--kv qjl) cache; save the document again")
+    return config
+
+
+def _expected_layer(config: QJLConfig, layer_idx: int, head_dim: int, n_kv: int, batch: int,
+                    n_compressed: int, n_window: int, storage_dtype: torch.dtype) -> dict[str, tuple]:
+    """{name: (dtype, shape)} a layer's document tensors must have; found by encoding one probe group."""
+    out: dict[str, tuple] = {}
+    keys = QJLKeys.for_layer(config, layer_idx, head_dim)
+    values = QuantValues.for_layer(config, layer_idx, head_dim)
+    G = config.group_size
+    if n_compressed:
+        with torch.no_grad():
+            probe = torch.randn(batch, n_kv, G, head_dim, generator=torch.Generator().manual_seed(0))
+            states = {**keys.encode(probe), **values.encode(probe)}
+        for name, t in states.items():  # every state's dim 2 grows by the same amount per group
+            shape = list(t.shape)
+            shape[2] = shape[2] * (n_compressed // G)
+            out[name] = (t.dtype, tuple(shape))
+        for name, t in keys.params().items():
+            if name != "projection":
+                out[name] = (t.dtype, tuple(t.shape))
+    out["window_keys"] = out["window_values"] = (storage_dtype, (batch, n_kv, n_window, head_dim))
+    return out
+
+
+def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_name: str = "this model",
+                    device: str | torch.device | None = None, dtype: torch.dtype | None = None
+                    ) -> tuple[QJLCache, dict]:
+    """Validate a cache file against a model and rebuild its frozen QJLCache -> (cache, metadata)."""
+    path = Path(path)
+    meta, tensors = _open(path)
+    _check_header(meta, path)
+    if meta.get("model_identity") != identity:
+        raise CacheFileError(f"{path} was made by model {meta.get('model_name', '?')!r} (identity "
+                             f"{str(meta.get('model_identity'))[:12]}), not {model_name} ({identity[:12]}); "
+                             f"load it with that model (--model) or save the document again with this one")
+    _check_checksum(meta, tensors, path)
+    config = _parse_config(meta, path)
+    n_layers, n_kv, head_dim = _model_geometry(model_config)
+    for key, want in (("num_layers", n_layers), ("num_kv_heads", n_kv), ("head_dim", head_dim)):
+        if _meta_int(meta, key, path) != want:
+            raise CacheFileError(f"{path}: {key} is {meta[key]} but the model has {want}; load it with the model "
+                                 f"that saved it")
+    tokens = _meta_int(meta, "document_tokens", path)
+    try:
+        n_compressed = json.loads(meta["n_compressed"])
+        ok = (isinstance(n_compressed, list) and len(n_compressed) == n_layers
+              and all(type(n) is int and 0 <= n <= tokens and n % config.group_size == 0 for n in n_compressed))
+    except (KeyError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise CacheFileError(f"{path}: its token counts per layer are inconsistent; the file is corrupted, "
+                             f"save it again")
+    try:
+        window = tensors["layers.0.window_keys"]
+        batch, storage_dtype = int(window.shape[0]), window.dtype
+    except (KeyError, IndexError):
+        raise CacheFileError(f"{path}: tensor layers.0.window_keys is missing or empty; the file is corrupted, "
+                             f"save it again") from None
+    if storage_dtype not in _HALF_DTYPES or batch < 1:
+        raise CacheFileError(f"{path}: the exact window is {storage_dtype} for {batch} documents; the file is "
+                             f"corrupted, save it again")
+
+    expected: dict[str, tuple] = {}
+    seeds = {}
+    for i in range(n_layers):
+        for name, spec in _expected_layer(config, i, head_dim, n_kv, batch, n_compressed[i],
+                                          tokens - n_compressed[i], storage_dtype).items():
+            expected[f"layers.{i}.{name}"] = spec
+        codec = QJLKeys.for_layer(config, i, head_dim)
+        seeds[i] = codec.seed
+        expected[f"projections.{codec.seed}"] = (torch.float32, tuple(codec.projection.shape))
+    if set(tensors) != set(expected):
+        extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+        what = f"unexpected tensor {extra[0]}" if extra else f"missing tensor {missing[0]}"
+        raise CacheFileError(f"{path}: {what}; the file does not match its settings, save the document again")
+    for name, (want_dtype, want_shape) in expected.items():
+        t = tensors[name]
+        if t.dtype != want_dtype or tuple(t.shape) != want_shape:
+            raise CacheFileError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} "
+                                 f"{want_shape}; the file does not match the model, save the document again")
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cache = QJLCache(model_config, config)
+    projections = {seed: tensors[f"projections.{seed}"].to(device) for seed in set(seeds.values())}
+    for i, layer in enumerate(cache.layers):
+        own = {name[len(f"layers.{i}."):]: t.to(device) for name, t in tensors.items()
+               if name.startswith(f"layers.{i}.")}
+        codec = layer.key_codec
+        codec.projection = projections[seeds[i]]
+        codec.mean = own.get("key_mean")
+        codec.head_outliers = own.get("key_head_outliers")
+        if n_compressed[i]:
+            layer.key_state = {n: t for n, t in own.items() if n.startswith("key_") and n not in _PARAM_NAMES}
+            layer.value_state = {n: t for n, t in own.items() if n.startswith("value_")}
+        layer.window_k, layer.window_v = own["window_keys"], own["window_values"]
+        layer.n_compressed = n_compressed[i]
+        layer.storage_dtype = storage_dtype
+        layer.dtype = dtype or storage_dtype
+        layer.device = device
+        layer.is_initialized = True
+        layer.freeze()
+    info = _public_meta(meta, path)
+    try:
+        info["suffix_template"].format(question="?")
+    except (KeyError, IndexError, ValueError, AttributeError):
+        raise CacheFileError(f"{path}: its prompt template is unusable; save the document again") from None
+    info["config"] = config.to_dict()
+    return cache, info
+
+
+def load_cache(path: str | os.PathLike, loaded_model, device: str | torch.device | None = None
+               ) -> tuple[QJLCache, dict]:
+    """Load a cache file for `loaded_model` (a qjl.models.LoadedModel) -> (frozen QJLCache, metadata)."""
+    param = next(loaded_model.model.parameters())
+    return read_cache_file(path, loaded_model.model.config, loaded_model.identity, loaded_model.name,
+                           device=device if device is not None else param.device, dtype=param.dtype)
+
+
+# --- inspect ---------------------------------------------------------------------------------------
+def _public_meta(meta: dict, path: Path) -> dict:
+    return {
+        "format": meta.get("format"),
+        "format_version": meta.get("format_version"),
+        "model_name": meta.get("model_name"),
+        "model_identity": meta.get("model_identity"),
+        "document_tokens": _meta_int(meta, "document_tokens", path),
+        "suffix_template": meta.get("suffix_template", ""),
+        "source": {"name": meta.get("source_name", ""), "size": meta.get("source_size", ""),
+                   "sha256": meta.get("source_sha256", "")},
+        "created": meta.get("created", ""),
+        "checksum": meta.get("checksum"),
+    }
+
+
+def inspect_cache(path: str | os.PathLike) -> dict:
+    """What `qjl cache info` shows; needs no model. Validates format, version and checksum."""
+    path = Path(path)
+    meta, tensors = _open(path)
+    _check_header(meta, path)
+    _check_checksum(meta, tensors, path)
+    config = _parse_config(meta, path)
+    info = _public_meta(meta, path)
+    layers, kv_heads, head_dim = (_meta_int(meta, k, path) for k in ("num_layers", "num_kv_heads", "head_dim"))
+    tokens = info["document_tokens"]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    numbers = 2 * tokens * layers * kv_heads * head_dim
+    fp16 = 2 * numbers
+    info.update({
+        "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim,
+        "tensor_bytes": nbytes,
+        "bits_per_number": 8 * nbytes / numbers if numbers else 0.0,
+        "file_bytes": path.stat().st_size,
+        "fp16_bytes": fp16,
+        "ratio_vs_fp16": path.stat().st_size / fp16 if fp16 else 0.0,
+        "config": config.to_dict(),
+    })
+    return info
