@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import typer
@@ -235,7 +236,8 @@ class KVMode(str, enum.Enum):
 @app.command(epilog=_epilog(ASK_EXAMPLES, EXIT_CODES_HELP, ENVIRONMENT_HELP))
 def ask(
     file: str = typer.Argument(..., show_default=False,
-                               help="Document to read: a .txt or .md file, or - for stdin."),
+                               help="Document to read: a .txt or .md file, or - for stdin; or a .qjl cache file "
+                                    "from `qjl cache save` (answers without reading the document again)."),
     question: str = typer.Argument(..., show_default=False, help="The question to answer."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", show_default=False,
@@ -256,11 +258,22 @@ def ask(
         if not question.strip():
             raise typer.BadParameter("the question is empty", param_hint="'question'")
         config = QJLConfig(kv=kv.value)
-        text, name = read_document(file)
+        from_cache = _is_cache_file(file)
+        if from_cache:
+            if kv is KVMode.exact:
+                raise typer.BadParameter("a .qjl file holds a compressed cache; leave out --kv exact",
+                                         param_hint="'--kv'")
+            _inspect_cache(file)  # a bad file fails here, before the model loads
+            name = file
+        else:
+            text, name = read_document(file)
         console = _stderr_console()
         loaded = _load_with_progress(model, console)
         session = new_session(loaded, config)
-        stats = _prefill_with_progress(session, text, max_new_tokens, prefill_chunk, console)
+        if from_cache:
+            stats = _load_cache_with_progress(session, file, max_new_tokens, console)
+        else:
+            stats = _prefill_with_progress(session, text, max_new_tokens, prefill_chunk, console)
         stream = not as_json and not no_stream and _is_terminal(sys.stdout)
         with _AnswerOutput(console, stream) as output:
             answer = session.ask(question, max_new_tokens=max_new_tokens, on_text=output.on_text)
@@ -338,12 +351,19 @@ def _result(answer, stats, loaded, kv: str, name: str, question: str) -> dict:
         "first_token_s": round(answer.first_token_s, 4),
         "decode_ms_per_token": round(answer.decode_ms_per_token, 3),
         "stopped": answer.stopped,
+        **getattr(stats, "extra", {}),
     }
 
 
 def _summary(stats, answer, loaded, kv: str) -> str:
-    return (f"{loaded.name}, --kv {kv}: {stats.document_tokens:,} document tokens read in {stats.prefill_s:.1f} s "
-            f"({stats.prefill_tokens_per_s:,.0f} tokens/s); KV cache {_mb(stats.kv_bytes)}, "
+    extra = getattr(stats, "extra", {})
+    if "cache_file" in extra:
+        read = (f"{stats.document_tokens:,} document tokens loaded from {extra['cache_file']} "
+                f"in {extra['cache_load_s']:.2f} s")
+    else:
+        read = (f"{stats.document_tokens:,} document tokens read in {stats.prefill_s:.1f} s "
+                f"({stats.prefill_tokens_per_s:,.0f} tokens/s)")
+    return (f"{loaded.name}, --kv {kv}: {read}; KV cache {_mb(stats.kv_bytes)}, "
             f"{stats.kv_bits_per_number:.2f} bits/number (16-bit: {_mb(stats.fp16_bytes)}); "
             f"first token {answer.first_token_s:.2f} s, {answer.decode_ms_per_token:.0f} ms/token, "
             f"{answer.generated_tokens} tokens")
@@ -395,9 +415,166 @@ def _prefill_with_progress(session, text: str, max_new_tokens: int, chunk: Optio
         return session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk, progress=progress)
 
 
+def _is_cache_file(file: str) -> bool:
+    return file != "-" and file.lower().endswith(".qjl")
+
+
+def _inspect_cache(file: str) -> dict:
+    """Read and check a cache file without a model (format, version, checksum): raises CacheFileError."""
+    from qjl.store import inspect_cache
+
+    return inspect_cache(file)
+
+
+def _load_cache_with_progress(session, file: str, max_new_tokens: int, console):
+    t0 = time.perf_counter()
+    if console.is_terminal:
+        with console.status(f"Loading cache {file}", spinner="dots"):
+            stats = session.load_cache(file)
+    else:
+        stats = session.load_cache(file)
+    stats.extra.update(cache_file=file, cache_load_s=round(time.perf_counter() - t0, 4))
+    session.check_fits(stats.document_tokens, max_new_tokens)
+    return stats
+
+
 class _TokensPerSecond(ProgressColumn):
     def render(self, task) -> Text:
         return Text(f"{task.speed:,.0f} tokens/s" if task.speed else "? tokens/s")
+
+
+# --- qjl cache ----------------------------------------------------------------------------------------
+CACHE_EXAMPLES = """\
+Examples:
+  qjl cache save report.txt -o report.qjl
+  qjl ask report.qjl "Who signed it?"
+  qjl cache load report.qjl -q "Who signed it?" -q "When?"
+  qjl cache info report.qjl --json"""
+
+cache_app = typer.Typer(
+    help="Save a document's compressed cache to a .qjl file, inspect one, or answer from one.",
+    epilog=_epilog(CACHE_EXAMPLES, EXIT_CODES_HELP),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("save", epilog=_epilog(CACHE_EXAMPLES, EXIT_CODES_HELP, ENVIRONMENT_HELP))
+def cache_save(
+    file: str = typer.Argument(..., show_default=False, help="Document to read: a .txt or .md file, or - for stdin."),
+    output: str = typer.Option(..., "--output", "-o", show_default=False, metavar="FILE.qjl",
+                               help="Cache file to write (replaced atomically if it exists)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", show_default=False,
+        help="Model: a Hugging Face id, a local model folder or a .gguf file. Default: $QJL_MODEL, else the "
+             "embedded SmolLM2-135M-Instruct. Questions about the file need the same model."),
+    prefill_chunk: Optional[int] = typer.Option(
+        None, "--prefill-chunk", min=1, metavar="N", show_default=False,
+        help="Read the document N tokens at a time (less peak memory). Default: all at once."),
+) -> None:
+    """Read the document FILE once and save its compressed cache to FILE.qjl; progress and sizes on stderr."""
+    with user_errors():
+        if not output.lower().endswith(".qjl"):
+            raise typer.BadParameter("end the file name with .qjl, so `qjl ask` knows it is a cache",
+                                     param_hint="'--output'")
+        text, name = read_document(file)
+        console = _stderr_console()
+        loaded = _load_with_progress(model, console)
+        session = new_session(loaded, QJLConfig())
+        stats = _prefill_with_progress(session, text, 256, prefill_chunk, console)
+        from qjl.store import describe_source
+
+        source = describe_source(Path(name).name if file != "-" else name, text, None if file == "-" else file)
+        t0 = time.perf_counter()
+        path = session.save_cache(output, source)
+        size = os.path.getsize(path)
+        ratio = size / stats.fp16_bytes if stats.fp16_bytes else 0.0
+        console.print(f"Saved {stats.document_tokens:,} document tokens to {output} in "
+                      f"{time.perf_counter() - t0:.2f} s: {_mb(size)} on disk, {stats.kv_bits_per_number:.2f} "
+                      f"bits/number ({ratio:.1%} of a 16-bit cache, {_mb(stats.fp16_bytes)}); "
+                      f"document read in {stats.prefill_s:.1f} s", markup=False, highlight=False, soft_wrap=True)
+
+
+@cache_app.command("info")
+def cache_info(
+    file: str = typer.Argument(..., show_default=False, help="A .qjl cache file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """What a cache file holds: format, model, tokens, bits per number, size next to a 16-bit cache, source."""
+    with user_errors():
+        info = _inspect_cache(file)
+        if as_json:
+            typer.echo(json.dumps(info, ensure_ascii=False))
+        else:
+            typer.echo(_render_info(file, info))
+
+
+def _render_info(file: str, info: dict) -> str:
+    src = info["source"]
+    source = src["name"] or "?"
+    if src["size"]:
+        source += f", {int(src['size']):,} bytes" if str(src["size"]).isdigit() else f", {src['size']} bytes"
+    if src["sha256"]:
+        source += f", sha256 {src['sha256']}"
+    config = ", ".join(f"{k}={v}" for k, v in sorted(info["config"].items()))
+    ratio = info["ratio_vs_fp16"]
+    rows = [
+        ("file", file),
+        ("format", f"{info['format']} version {info['format_version']}"),
+        ("model", f"{info['model_name']}; identity {info['model_identity']}"),
+        ("tokens", f"{info['document_tokens']:,}"),
+        ("bits/number", f"{info['bits_per_number']:.2f}"),
+        ("size", f"{_mb(info['file_bytes'])} on disk; a 16-bit cache of the same tokens: {_mb(info['fp16_bytes'])} "
+                 f"(ratio {ratio:.3f}, {1 / ratio if ratio else 0:.1f}x smaller)"),
+        ("source", source),
+        ("created", info["created"]),
+        ("settings", config),
+    ]
+    return "\n".join(f"{k:<12} {v}" for k, v in rows)
+
+
+@cache_app.command("load")
+def cache_load(
+    file: str = typer.Argument(..., show_default=False, help="A .qjl cache file from `qjl cache save`."),
+    question: Optional[list[str]] = typer.Option(
+        None, "--question", "-q", show_default=False,
+        help="A question to answer (repeat for several). The interactive session is not there yet."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                        help="The model that saved the file. Default: $QJL_MODEL, else the "
+                                             "embedded SmolLM2-135M-Instruct."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens in each answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per question on stdout."),
+) -> None:
+    """Answer each --question from the saved cache FILE, one answer after another on stdout."""
+    with user_errors():
+        questions = [q for q in (question or [])]
+        if not questions:
+            raise typer.BadParameter("give one or more --question (the interactive session has not landed yet)",
+                                     param_hint="'--question'")
+        if any(not q.strip() for q in questions):
+            raise typer.BadParameter("a question is empty", param_hint="'--question'")
+        _inspect_cache(file)
+        console = _stderr_console()
+        loaded = _load_with_progress(model, console)
+        session = new_session(loaded, QJLConfig())
+        stats = _load_cache_with_progress(session, file, max_new_tokens, console)
+        for q in questions:
+            stream = not as_json and _is_terminal(sys.stdout)
+            with _AnswerOutput(console, stream) as output:
+                answer = session.ask(q, max_new_tokens=max_new_tokens, on_text=output.on_text)
+            if as_json:
+                typer.echo(json.dumps(_result(answer, stats, loaded, "qjl", file, q), ensure_ascii=False))
+            elif stream:
+                typer.echo()
+            else:
+                typer.echo(answer.text)
+            if answer.stopped:
+                raise KeyboardInterrupt
+        if not as_json:
+            console.print(_summary(stats, answer, loaded, "qjl"), markup=False, highlight=False, style="dim",
+                          soft_wrap=True)
 
 
 def run() -> None:

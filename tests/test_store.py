@@ -403,3 +403,99 @@ def test_session_answers_from_a_saved_file_like_from_the_document(embedded_home,
     for q in questions:
         a, b = first.ask(q, max_new_tokens=16), second.ask(q, max_new_tokens=16)
         assert a.text == b.text and a.generated_tokens == b.generated_tokens
+
+
+# --- the command line: qjl cache save / info / load, qjl ask FILE.qjl ---------------------------------
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from qjl_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _assert_error(result, code: int, *fragments: str) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert "Traceback" not in result.output and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qjl: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def bad_file(saved, tmp_path):
+    _, good, _ = saved
+    path = tmp_path / "bad.qjl"
+    path.write_bytes(good[:len(good) // 2])
+    return path
+
+
+def test_cli_corrupted_or_missing_file_is_exit_5_before_the_model_loads(qjl_home, fake_model, bad_file, tmp_path):
+    for args in (("ask", bad_file, "Who?"), ("cache", "info", bad_file), ("cache", "info", bad_file, "--json"),
+                 ("cache", "load", bad_file, "-q", "Who?")):
+        _assert_error(_invoke(*args), 5, "bad.qjl", "truncated or corrupted", "qjl cache save")
+    _assert_error(_invoke("ask", tmp_path / "none.qjl", "Who?"), 5, "not found")
+    assert "load" not in fake_model.calls  # the file was checked first
+
+
+def test_cli_cache_usage_errors(qjl_home, fake_model, saved, tmp_path):
+    path, _, _ = saved
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text.")
+    _assert_error(_invoke("cache", "save", doc, "-o", tmp_path / "out.bin"), 2, ".qjl")
+    _assert_error(_invoke("cache", "load", path), 2, "--question")
+    _assert_error(_invoke("ask", path, "Who?", "--kv", "exact"), 2, "--kv exact")
+    _assert_error(_invoke("cache", "save", tmp_path / "missing.txt", "-o", tmp_path / "x.qjl"), 3)
+    assert not (tmp_path / "x.qjl").exists()
+
+
+def test_cli_cache_info_of_a_tiny_file(qjl_home, saved):
+    path, _, cache = saved
+    result = _invoke("cache", "info", path, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["document_tokens"] == 300 and info["model_name"] == "tiny"
+    assert info["fp16_bytes"] == cache.fp16_nbytes() and info["file_bytes"] == path.stat().st_size
+    text = _invoke("cache", "info", path)
+    assert text.exit_code == 0 and text.stderr == ""
+    for fragment in ("qjl-cache version 1", "tiny", "300", "bits/number", "16-bit", "doc.txt", "sha256", "created"):
+        assert fragment in text.stdout
+
+
+@pytest.mark.slow
+def test_cli_save_info_ask_and_load_with_the_embedded_model(embedded_home, tmp_path, monkeypatch):
+    import qjl_cli.main as cli
+
+    real_load, models = cli.load_model, {}
+
+    def load_once(spec, progress=None):  # one model for every command of this test
+        if spec not in models:
+            models[spec] = real_load(spec, progress)
+        return models[spec]
+
+    monkeypatch.setattr(cli, "load_model", load_once)
+    doc = tmp_path / "overview.md"
+    doc.write_text((ROOT / "qjl" / "data" / "sample.txt").read_text().split("2. Water supply")[0])
+    out = tmp_path / "overview.qjl"
+    saved = _invoke("cache", "save", doc, "-o", out)
+    assert saved.exit_code == 0, (saved.output, saved.exception)
+    assert saved.stdout == "" and "Saved" in saved.stderr and out.is_file()
+
+    info = json.loads(_invoke("cache", "info", out, "--json").stdout)
+    assert "SmolLM2" in info["model_name"] and info["source"]["name"] == "overview.md"
+    assert info["source"]["sha256"] == __import__("hashlib").sha256(doc.read_bytes()).hexdigest()
+
+    q = "Who is the general manager of the cooperative?"
+    from_doc = json.loads(_invoke("ask", doc, q, "--json", "--max-new-tokens", 16).stdout)
+    from_file = _invoke("ask", out, q, "--json", "--max-new-tokens", 16)
+    assert from_file.exit_code == 0, (from_file.output, from_file.exception)
+    from_file = json.loads(from_file.stdout)
+    assert from_file["answer"] == from_doc["answer"] and from_file["document_tokens"] == from_doc["document_tokens"]
+    assert from_file["cache_file"] == str(out) and from_file["prefill_s"] == 0
+    assert info["document_tokens"] == from_doc["document_tokens"]
+
+    loaded = _invoke("cache", "load", out, "-q", q, "--question", "When was it founded?", "--max-new-tokens", 16)
+    assert loaded.exit_code == 0, (loaded.output, loaded.exception)
+    assert loaded.stdout.startswith(from_doc["answer"])
