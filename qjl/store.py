@@ -306,6 +306,12 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
             raise CacheFileError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} "
                                  f"{want_shape}; the file does not match the model, save the document again")
 
+    for name, t in tensors.items():  # indices a forged file could aim outside a head (gather would then fail)
+        if name.endswith(("key_head_outliers", "key_outlier_index")) and t.numel():
+            if int(t.min()) < 0 or int(t.max()) >= head_dim:
+                raise CacheFileError(f"{path}: tensor {name} holds channel numbers outside 0..{head_dim - 1}; "
+                                     f"the file is corrupted, save the document again")
+
     device = torch.device(device) if device is not None else torch.device("cpu")
     cache = QJLCache(model_config, config)
     projections = {seed: tensors[f"projections.{seed}"].to(device) for seed in set(seeds.values())}

@@ -315,6 +315,20 @@ def test_hostile_files_give_a_clean_error_every_time(saved, tiny, tmp_path, data
             assert _same_as_original(cache, original)
 
 
+@pytest.mark.parametrize("name,value", [("layers.1.key_head_outliers", 64), ("layers.0.key_head_outliers", -1)])
+def test_a_forged_file_with_a_valid_checksum_cannot_aim_outside_a_head(saved, tiny, tmp_path, name, value):
+    """The checksum guards against corruption, not forgery: index values are checked on their own."""
+    _, _, cache = saved
+    _, cfg = tiny
+    tensors = _file_tensors(cache)
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 0, 0] = value
+    meta = cache_metadata(cache, model_name="tiny", identity=IDENTITY, suffix_template="{question}")
+    write_cache_file(tmp_path / "forged.qjl", tensors, meta)
+    with pytest.raises(CacheFileError, match="outside 0..63"):
+        _load(tmp_path / "forged.qjl", cfg)
+
+
 def test_a_file_saved_with_another_model_config_never_loads(tmp_path, tiny):
     model, cfg = tiny
     other, other_cfg = _model(layers=3, kv_heads=4)
