@@ -10,6 +10,9 @@ Layout of a `.qjl` file:
 
 No pickle anywhere: safetensors holds raw bytes and a JSON header, so a file from a stranger cannot run
 code. Every problem with a file raises `CacheFileError`, one line that says what to do.
+
+Loading memory-maps the file: safe_open's CPU tensors are copy-on-write views of the mapped file (a 200 MB
+tensor measured 2 MB of RSS on loading), so the loaded document segment shares pages with the page cache.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name]
         h.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
         if t.numel():
-            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())  # no copy of a mapped file
     return h.hexdigest()
 
 

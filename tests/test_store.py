@@ -329,6 +329,16 @@ def test_a_forged_file_with_a_valid_checksum_cannot_aim_outside_a_head(saved, ti
         _load(tmp_path / "forged.qjl", cfg)
 
 
+@pytest.mark.parametrize("template", ["{foo}", "{question", "{0}"])
+def test_a_forged_prompt_template_is_refused(saved, tiny, tmp_path, template):
+    _, _, cache = saved
+    _, cfg = tiny
+    meta = cache_metadata(cache, model_name="tiny", identity=IDENTITY, suffix_template=template)
+    write_cache_file(tmp_path / "forged.qjl", _file_tensors(cache), meta)
+    with pytest.raises(CacheFileError, match="prompt template"):
+        _load(tmp_path / "forged.qjl", cfg)
+
+
 def test_a_file_saved_with_another_model_config_never_loads(tmp_path, tiny):
     model, cfg = tiny
     other, other_cfg = _model(layers=3, kv_heads=4)
