@@ -170,6 +170,13 @@ class QJLLayer(CacheLayerMixin):
         return self.n_compressed + (0 if self.window_k is None else self.window_k.shape[2])
 
 
+def kv_geometry(model_config) -> tuple[int, int, int]:
+    """(layers, KV heads, head_dim) of a transformers config: what shapes a KV cache."""
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    n_kv = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    return int(model_config.num_hidden_layers), int(n_kv), int(head_dim)
+
+
 class QJLCache(Cache):
     """A transformers Cache whose layers keep K/V compressed; use with attn_implementation="qjl"."""
 
@@ -177,9 +184,7 @@ class QJLCache(Cache):
         config = config or QJLConfig()
         if config.kv != "qjl":
             raise ConfigError(f"QJLCache holds --kv qjl caches, not {config.kv!r}")
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        n_kv = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-        n_layers = model_config.num_hidden_layers
+        n_layers, n_kv, head_dim = kv_geometry(model_config)
         if head_dim % 8:
             raise ConfigError(f"head_dim {head_dim} is not a multiple of 8")
         self.config = config

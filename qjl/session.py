@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import DynamicCache
 
-from .cache import QJLCache
+from .cache import QJLCache, kv_geometry
 from .config import QJLConfig
 from .models import LoadedModel
 
@@ -181,10 +181,7 @@ class Session:
         return self.stats(0.0)
 
     def stats(self, prefill_s: float = 0.0) -> DocumentStats:
-        n_layers = self.model.config.num_hidden_layers
-        cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        n_layers, n_kv, head_dim = kv_geometry(self.model.config)
         numbers = 2 * self.document_tokens * n_layers * n_kv * head_dim
         if isinstance(self.cache, QJLCache):
             nbytes = self.cache.document_nbytes()

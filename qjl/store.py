@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import QJLCache
+from .cache import QJLCache, kv_geometry
 from .config import QJLConfig
 from .keys import QJLKeys
 from .values import QuantValues
@@ -52,12 +52,6 @@ def describe_source(name: str, text: str, path: str | os.PathLike | None = None)
     else:
         data = text.encode("utf-8")
     return {"name": str(name), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _model_geometry(model_config) -> tuple[int, int, int]:
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    n_kv = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    return int(model_config.num_hidden_layers), int(n_kv), int(head_dim)
 
 
 def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
@@ -265,7 +259,7 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
                              f"load it with that model (--model) or save the document again with this one")
     _check_checksum(meta, tensors, path)
     config = _parse_config(meta, path)
-    n_layers, n_kv, head_dim = _model_geometry(model_config)
+    n_layers, n_kv, head_dim = kv_geometry(model_config)
     for key, want in (("num_layers", n_layers), ("num_kv_heads", n_kv), ("head_dim", head_dim)):
         if _meta_int(meta, key, path) != want:
             raise CacheFileError(f"{path}: {key} is {meta[key]} but the model has {want}; load it with the model "
