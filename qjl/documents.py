@@ -1,49 +1,98 @@
-"""Turning a file or stdin into the text of a document.
+"""Turning files or stdin into the text of a document.
 
-Plain text and Markdown for now (any suffix other than .pdf is read as text,
-provided it is UTF-8); PDF and HTML extraction come later. Every problem with
-the input is a `DocumentError` whose message is one line saying what is wrong
-and what to do, so the CLI can print it as it is.
+Plain text and Markdown (any suffix that is not PDF or HTML is read as text, provided it is UTF-8);
+PDF through pypdf, one "[page N]" marker before each page's text so answers can name pages; HTML with
+the markup stripped by the standard library's html.parser (script and style dropped). Several files
+make one document, each introduced by its name. Every problem with the input is a `DocumentError`
+whose message is one line saying what is wrong and what to do, so the CLI can print it as it is.
 """
 
 from __future__ import annotations
 
 import codecs
+import html.parser
+import io
+import logging
+import re
 import sys
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, Callable, Optional, Sequence, TextIO
 
 STDIN = "-"
 STDIN_NAME = "<stdin>"
 # Far above any context a model here can read (128k tokens are ~0.5 MB of text); a guard against reading
-# /dev/zero or a disk image into memory, not a limit a real document meets.
+# /dev/zero or a disk image into memory, not a limit a real document meets. PDFs are mostly images and
+# fonts, so they get more room.
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+MAX_PDF_BYTES = 512 * 1024 * 1024
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+
+# progress(done, total, what): pages of a PDF extracted so far.
+Progress = Callable[[int, int, str], None]
 
 
 class DocumentError(ValueError):
     """The document cannot be read or is not usable text (a user error, not a bug)."""
 
 
-def read_document(path: str, stdin: BinaryIO | TextIO | None = None) -> tuple[str, str]:
-    """Read a .txt/.md file (or stdin for "-") -> (text, display name).
+def read_document(path: str, stdin: BinaryIO | TextIO | None = None, password: Optional[str] = None,
+                  progress: Optional[Progress] = None) -> tuple[str, str]:
+    """Read a .txt/.md/.pdf/.html file (or stdin for "-") -> (text, display name).
 
-    `stdin` replaces sys.stdin for "-" (binary or text stream). Raises DocumentError.
+    `stdin` replaces sys.stdin for "-" (binary or text stream); `password` opens an encrypted PDF;
+    `progress(done, total, name)` is called per PDF page. Raises DocumentError.
     """
     if path == STDIN:
-        return decode_document(_read_stream(stdin if stdin is not None else sys.stdin), STDIN_NAME), STDIN_NAME
-    return decode_document(_read_file(Path(path), path), path), path
+        data = _read_stream(stdin if stdin is not None else sys.stdin)
+        return document_text(data, STDIN_NAME, password=password, progress=progress), STDIN_NAME
+    p = Path(path)
+    limit = MAX_PDF_BYTES if p.suffix.lower() == ".pdf" else MAX_DOCUMENT_BYTES
+    data = _read_file(p, path, limit)
+    return document_text(data, path, suffix=p.suffix.lower(), password=password, progress=progress), path
+
+
+def read_documents(paths: Sequence[str], stdin: BinaryIO | TextIO | None = None, password: Optional[str] = None,
+                   progress: Optional[Progress] = None) -> tuple[str, str]:
+    """Several documents as one: each introduced by a line `=== NAME ===`; one path is read_document's text."""
+    if not paths:
+        raise DocumentError("no document given; name a file, or - for stdin")
+    if list(paths).count(STDIN) > 1:
+        raise DocumentError("- (stdin) is given more than once; stdin can be read only once")
+    if len(paths) == 1:
+        return read_document(paths[0], stdin=stdin, password=password, progress=progress)
+    parts, names = [], []
+    for path in paths:
+        text, name = read_document(path, stdin=stdin, password=password, progress=progress)
+        parts.append(f"=== {name} ===\n{text.strip()}\n")
+        names.append(name)
+    return "\n".join(parts), ", ".join(names)
+
+
+def document_text(data: bytes, name: str, suffix: str = "", password: Optional[str] = None,
+                  progress: Optional[Progress] = None) -> str:
+    """The bytes of one document -> its text, by content (PDF magic) or suffix (.pdf, .html)."""
+    if data.startswith(b"%PDF-") or (suffix == ".pdf" and data.lstrip()[:5] == b"%PDF-"):
+        return pdf_text(data, name, password=password, progress=progress)
+    if suffix == ".pdf":
+        if not data.strip():
+            raise DocumentError(f"{name} is empty; give a document with some text")
+        raise DocumentError(f"{name} is not a PDF (it does not start with %PDF-); check the file, or rename it "
+                            f"if it is text")
+    if suffix in HTML_SUFFIXES or (suffix == "" and _looks_like_html(data)):
+        return html_text(data, name)
+    return decode_document(data, name)
 
 
 def decode_document(data: bytes, name: str) -> str:
     """Bytes -> text, refusing what is not UTF-8 text; newlines normalised, a UTF-8 BOM dropped."""
     if data.startswith(b"%PDF-"):
-        raise DocumentError(_pdf_message(name))
+        return pdf_text(data, name)
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise DocumentError(f"{name} is UTF-16 text; convert it to UTF-8 first, "
                             f"e.g. iconv -f UTF-16 -t UTF-8 {_shell(name)} > doc.txt")
     if b"\x00" in data:
         raise DocumentError(f"{name} looks like a binary file (it contains NUL bytes); "
-                            f"give a UTF-8 text file (.txt or .md)")
+                            f"give a text, Markdown, HTML or PDF file")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -57,46 +106,190 @@ def decode_document(data: bytes, name: str) -> str:
     return text
 
 
-def _read_file(p: Path, name: str) -> bytes:
-    if p.suffix.lower() == ".pdf" and p.is_file():
-        raise DocumentError(_pdf_message(name))
+# --- PDF -----------------------------------------------------------------------------------------------
+def pdf_text(data: bytes, name: str, password: Optional[str] = None, progress: Optional[Progress] = None) -> str:
+    """Text of every page, each after a "[page N]" line. Encrypted: the empty password, else `password`."""
+    from pypdf import PdfReader
+    from pypdf.errors import DependencyError
+
+    pdf_logger = logging.getLogger("pypdf")
+    level = pdf_logger.level
+    pdf_logger.setLevel(logging.ERROR)  # pypdf warns about every repaired xref; that is not the user's business
+    try:
+        try:
+            reader = PdfReader(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - pypdf raises many types for damaged files
+            raise DocumentError(f"{name} is not a readable PDF ({_one_line(e)}); check that the file is complete, "
+                                f"or extract its text with another tool (e.g. pdftotext) and ask about that") from None
+        if reader.is_encrypted:
+            _decrypt(reader, name, password)
+        elif password is not None:
+            pass  # a password for a PDF that needs none does no harm
+        try:
+            n = len(reader.pages)
+        except DependencyError:
+            raise DocumentError(_aes_message(name)) from None
+        except Exception as e:  # noqa: BLE001
+            raise DocumentError(f"{name} is not a readable PDF ({_one_line(e)}); check that the file is "
+                                f"complete") from None
+        if n == 0:
+            raise DocumentError(f"{name} is a PDF with no pages; give a document with some text")
+        parts, with_text = [], 0
+        for i in range(n):
+            try:
+                text = reader.pages[i].extract_text() or ""
+            except DependencyError:
+                raise DocumentError(_aes_message(name)) from None
+            except Exception as e:  # noqa: BLE001
+                raise DocumentError(f"cannot extract the text of page {i + 1} of {name} ({_one_line(e)}); "
+                                    f"extract it with another tool (e.g. pdftotext) and ask about that") from None
+            text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").strip()
+            with_text += bool(text)
+            parts.append(f"[page {i + 1}]\n{text}\n" if text else f"[page {i + 1}]\n")
+            if progress:
+                progress(i + 1, n, name)
+    finally:
+        pdf_logger.setLevel(level)
+    if not with_text:
+        pages = "its page has" if n == 1 else f"none of its {n} pages has"
+        raise DocumentError(f"{name} has no text layer ({pages} any text; a scan or images?); run OCR on it "
+                            f"first, e.g. ocrmypdf {_shell(name)} ocr.pdf, and ask about ocr.pdf")
+    return "\n".join(parts)
+
+
+def _decrypt(reader, name: str, password: Optional[str]) -> None:
+    from pypdf.errors import DependencyError
+
+    try:
+        ok = reader.decrypt(password if password is not None else "")
+    except DependencyError:
+        raise DocumentError(_aes_message(name)) from None
+    except Exception as e:  # noqa: BLE001
+        raise DocumentError(f"cannot decrypt {name} ({_one_line(e)}); decrypt it with another tool first, "
+                            f"e.g. qpdf --decrypt") from None
+    if not ok:
+        if password is None:
+            raise DocumentError(f"{name} is encrypted and needs a password; give it with --password")
+        raise DocumentError(f"the password given with --password does not open {name}; check it")
+
+
+def _aes_message(name: str) -> str:
+    return (f"{name} is encrypted with AES, which needs the Python package 'cryptography'; install it "
+            f"(pip install cryptography) or decrypt the file first, e.g. qpdf --decrypt {_shell(name)} plain.pdf")
+
+
+# --- HTML ----------------------------------------------------------------------------------------------
+_SKIP = {"script", "style", "noscript", "template", "svg", "head"}
+_BLOCK = {"address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt", "figcaption", "figure",
+          "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "main", "nav", "ol", "p",
+          "pre", "section", "table", "tr", "ul", "title", "caption", "details", "summary"}
+
+
+class _TextExtractor(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip = 0
+        self.title: list[str] = []
+        self.in_title = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "title":
+            self.in_title = True
+        elif tag in _SKIP:
+            self.skip += 1
+        elif tag in _BLOCK:
+            self.parts.append("\n")
+        elif tag in ("td", "th"):
+            self.parts.append(" ")
+
+    def handle_startendtag(self, tag, attrs):
+        if tag in ("br", "hr"):
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag == "title":
+            self.in_title = False
+        elif tag in _SKIP:
+            self.skip = max(0, self.skip - 1)
+        elif tag in _BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if self.in_title:
+            self.title.append(data)
+        elif not self.skip:
+            self.parts.append(data)
+
+
+def html_text(data: bytes, name: str) -> str:
+    """Visible text of an HTML page (the title first); script, style and the rest of <head> dropped."""
+    source = decode_document(data, name)
+    parser = _TextExtractor()
+    try:
+        parser.feed(source)
+        parser.close()
+    except Exception as e:  # noqa: BLE001 - html.parser is lenient; this is a last resort
+        raise DocumentError(f"cannot parse {name} as HTML ({_one_line(e)}); save the page as text and ask "
+                            f"about that") from None
+    lines = [" ".join(line.split()) for line in "".join(parser.parts).split("\n")]
+    body = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    title = " ".join("".join(parser.title).split())
+    text = f"{title}\n\n{body}" if title and body else title or body
+    if not text:
+        raise DocumentError(f"{name} has no text once the HTML markup is removed; give a page with some text")
+    return text + "\n"
+
+
+def _looks_like_html(data: bytes) -> bool:
+    head = data[:512].lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html", b"\xef\xbb\xbf<!doctype html", b"\xef\xbb\xbf<html"))
+
+
+# --- reading bytes ---------------------------------------------------------------------------------------
+def _read_file(p: Path, name: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
     try:
         with open(p, "rb") as f:
-            return _read_limited(f, name)
+            return _read_limited(f, name, limit)
     except FileNotFoundError:
         raise DocumentError(f"{name}: no such file; check the path (use - to read the document from stdin)") from None
     except IsADirectoryError:
-        raise DocumentError(f"{name} is a directory; give a text file (.txt or .md)") from None
+        raise DocumentError(f"{name} is a directory; give a text, Markdown, HTML or PDF file") from None
     except PermissionError:
         raise DocumentError(f"{name}: permission denied; check the file's permissions (e.g. chmod u+r)") from None
     except OSError as e:
         if p.is_dir():  # some platforms open a directory and fail on read instead
-            raise DocumentError(f"{name} is a directory; give a text file (.txt or .md)") from None
+            raise DocumentError(f"{name} is a directory; give a text, Markdown, HTML or PDF file") from None
         raise DocumentError(f"cannot read {name}: {e.strerror or e}") from None
 
 
 def _read_stream(stream: BinaryIO | TextIO) -> bytes:
     binary = getattr(stream, "buffer", stream)  # a text stdin has the bytes under .buffer
     try:
-        data = _read_limited(binary, STDIN_NAME)
+        data = _read_limited(binary, STDIN_NAME, MAX_PDF_BYTES)
     except OSError as e:
         raise DocumentError(f"cannot read {STDIN_NAME}: {e.strerror or e}") from None
     if isinstance(data, str):  # a text stream without .buffer (e.g. io.StringIO)
         data = data.encode("utf-8", "surrogateescape")
+    if len(data) > MAX_DOCUMENT_BYTES and not data.startswith(b"%PDF-"):
+        _too_large(STDIN_NAME, MAX_DOCUMENT_BYTES)
     return data
 
 
-def _read_limited(f, name: str) -> bytes:
-    data = f.read(MAX_DOCUMENT_BYTES + 1)
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise DocumentError(f"{name} is larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB, far more than any "
-                            f"model's context; give a smaller document or split it")
+def _read_limited(f, name: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        _too_large(name, limit)
     return data
 
 
-def _pdf_message(name: str) -> str:
-    return (f"{name} is a PDF; PDF support is not available yet: extract its text first, "
-            f"e.g. pdftotext {_shell(name)} doc.txt, and ask about doc.txt")
+def _too_large(name: str, limit: int):
+    raise DocumentError(f"{name} is larger than {limit // (1024 * 1024)} MiB, far more than any "
+                        f"model's context; give a smaller document or split it")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _shell(name: str) -> str:
@@ -107,4 +300,5 @@ def _shell(name: str) -> str:
     return name if safe else "'" + name.replace("'", "'\\''") + "'"
 
 
-__all__ = ["DocumentError", "MAX_DOCUMENT_BYTES", "STDIN", "decode_document", "read_document"]
+__all__ = ["DocumentError", "MAX_DOCUMENT_BYTES", "STDIN", "decode_document", "document_text", "html_text",
+           "pdf_text", "read_document", "read_documents"]

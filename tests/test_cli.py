@@ -154,10 +154,11 @@ def test_binary_file_with_text_suffix(fake_model, tmp_path):
     assert_error(invoke("ask", path, "Who?"), ExitCode.DOCUMENT, "binary")
 
 
-def test_pdf_not_yet(fake_model, tmp_path):
+def test_damaged_pdf(fake_model, tmp_path):
     path = tmp_path / "report.pdf"
     path.write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
-    assert_error(invoke("ask", path, "Who?"), ExitCode.DOCUMENT, "PDF support is not available yet")
+    assert_error(invoke("ask", path, "Who?"), ExitCode.DOCUMENT, "report.pdf is not a readable PDF")
+    assert "load" not in fake_model.calls
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
