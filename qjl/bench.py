@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .cache import QJLCache
+from .cache import SHARED_PARAMS, QJLCache
 from .config import QJLConfig
 
 
@@ -86,7 +86,7 @@ def key_value_bits(cache: QJLCache) -> tuple[float, float]:
     for layer in cache.layers:
         for name, t in layer.document_tensors().items():
             b = t.numel() * t.element_size()
-            if name == "projection":
+            if name in SHARED_PARAMS:
                 continue
             if name.startswith("key") or name == "window_keys":
                 kbytes += b

@@ -18,7 +18,27 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import ConfigError, QJLConfig
 from .keys import QJLKeys
+from .turbo import TurboKeys, TurboValues
 from .values import QuantValues
+
+# Per-model matrices a key codec's params() may hold: shared by the layers of a class, counted (and stored)
+# once per seed, never per layer.
+SHARED_PARAMS = ("projection", "rotation")
+COMPRESSED_MODES = ("qjl", "turbo")
+
+
+def make_codecs(config: QJLConfig, layer_idx: int, head_dim: int):
+    """(key codec, value codec) of a layer for config.kv: the only place that branches on the mode."""
+    if config.kv == "turbo":
+        return TurboKeys.for_layer(config, layer_idx, head_dim), TurboValues.for_layer(config, layer_idx, head_dim)
+    return QJLKeys.for_layer(config, layer_idx, head_dim), QuantValues.for_layer(config, layer_idx, head_dim)
+
+
+def shared_seeds(codec) -> dict[str, int]:
+    """{name: seed} of the shared matrices a key codec holds."""
+    if hasattr(codec, "shared_seeds"):
+        return codec.shared_seeds()
+    return {"projection": codec.seed}
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None, dim: int = 2) -> torch.Tensor | None:
@@ -51,8 +71,7 @@ class QJLLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
-        self.key_codec = QJLKeys.for_layer(config, layer_idx, head_dim)
-        self.value_codec = QuantValues.for_layer(config, layer_idx, head_dim)
+        self.key_codec, self.value_codec = make_codecs(config, layer_idx, head_dim)
         self.key_state: dict[str, torch.Tensor] | None = None
         self.value_state: dict[str, torch.Tensor] | None = None
         self.n_compressed = 0
@@ -69,6 +88,8 @@ class QJLLayer(CacheLayerMixin):
         # Exact document tokens are kept in 16 bits even for an fp32 model: a 16-bit cache is the baseline.
         self.storage_dtype = torch.float16 if key_states.dtype == torch.float32 else key_states.dtype
         self.key_codec.to(self.device)
+        if hasattr(self.value_codec, "to"):
+            self.value_codec.to(self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -149,7 +170,7 @@ class QJLLayer(CacheLayerMixin):
             out[name] = t
         for name, t in (self.value_state or {}).items():
             out[name] = t
-        for name, t in self.key_codec.params().items():
+        for name, t in {**self.key_codec.params(), **self.value_codec.params()}.items():
             out[name] = t
         if self.window_k is not None:
             out["window_keys"], out["window_values"] = self.window_k, self.window_v
@@ -158,8 +179,8 @@ class QJLLayer(CacheLayerMixin):
     def document_nbytes(self, count_projection: bool = True) -> int:
         total = _state_bytes(self.key_state) + _state_bytes(self.value_state)
         total += _tensor_bytes(self.window_k) + _tensor_bytes(self.window_v)
-        for name, t in self.key_codec.params().items():
-            if name != "projection" or count_projection:
+        for name, t in {**self.key_codec.params(), **self.value_codec.params()}.items():
+            if name not in SHARED_PARAMS or count_projection:
                 total += _tensor_bytes(t)
         return total
 
@@ -182,8 +203,8 @@ class QJLCache(Cache):
 
     def __init__(self, model_config, config: QJLConfig | None = None):
         config = config or QJLConfig()
-        if config.kv != "qjl":
-            raise ConfigError(f"QJLCache holds --kv qjl caches, not {config.kv!r}")
+        if config.kv not in COMPRESSED_MODES:
+            raise ConfigError(f"QJLCache holds --kv qjl or turbo caches, not {config.kv!r}")
         n_layers, n_kv, head_dim = kv_geometry(model_config)
         if head_dim % 8:
             raise ConfigError(f"head_dim {head_dim} is not a multiple of 8")
@@ -208,12 +229,14 @@ class QJLCache(Cache):
 
     # --- accounting -----------------------------------------------------------------------
     def document_nbytes(self) -> int:
-        """All bytes of the document segment, projections counted once per distinct matrix."""
+        """All bytes of the document segment, projections and rotations counted once per distinct matrix."""
         total = sum(layer.document_nbytes(count_projection=False) for layer in self.layers)
         seen = {}
         for layer in self.layers:
-            p = layer.key_codec.projection
-            seen[(layer.key_codec.seed, tuple(p.shape))] = _tensor_bytes(p)
+            params = layer.key_codec.params()
+            for name, seed in shared_seeds(layer.key_codec).items():
+                p = params[name]
+                seen[(name, seed, tuple(p.shape))] = _tensor_bytes(p)
         return total + sum(seen.values())
 
     def nbytes(self) -> int:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-KV_MODES = ("qjl", "exact")
+KV_MODES = ("qjl", "turbo", "exact")
 
 
 class ConfigError(ValueError):
@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QJLConfig:
-    # "qjl": 1-bit JL keys + integer values; "exact": transformers' ordinary cache, for comparison.
+    # "qjl": 1-bit JL keys + integer values; "turbo": rotation + Lloyd-Max codes for both (qjl/turbo.py);
+    # "exact": transformers' ordinary cache, for comparison.
     kv: str = "qjl"
     # JL sketch rows per key, as a multiple of head_dim: 2x is the paper's choice, 2 bits a key number in signs.
     sketch_ratio: float = 2.0
@@ -52,6 +53,15 @@ class QJLConfig:
     # Channels per value group: one fp16 scale and minimum per group. 64 costs 0.5 bits a value number
     # less than KIVI's 32 and measured no worse on SmolLM2.
     value_group: int = 64
+    # --kv turbo: bits per key coordinate. 3, because in the issue's simulation 3-bit keys cost +1.3% perplexity
+    # against +11% for 2 bits, and softmax makes key error the costlier one.
+    turbo_key_bits: int = 3
+    # --kv turbo: bits per value coordinate. 2, because value error is averaged by the attention weights and
+    # 2 bits keep the cache near 3 bits a number overall (as KIVI's 2-bit values).
+    turbo_value_bits: int = 2
+    # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none,
+    # because the residual's extra bit a number measured better spent on a third code bit (issue 3).
+    turbo_residual_ratio: float = 0.0
     # Seed of the JL projections; the matrices themselves go into cache files, so results never depend on the RNG.
     seed: int = 0
 
@@ -60,6 +70,11 @@ class QJLConfig:
             raise ConfigError(f"unknown --kv mode {self.kv!r}; choose one of {', '.join(KV_MODES)}")
         if self.value_bits not in (2, 4, 8):
             raise ConfigError(f"value_bits must be 2, 4 or 8, not {self.value_bits}")
+        if self.turbo_key_bits not in (1, 2, 3, 4) or self.turbo_value_bits not in (1, 2, 3, 4):
+            raise ConfigError(f"turbo_key_bits and turbo_value_bits must be 1 to 4, not "
+                              f"{self.turbo_key_bits} and {self.turbo_value_bits}")
+        if self.turbo_residual_ratio < 0:
+            raise ConfigError("turbo_residual_ratio must be >= 0")
         if self.group_size < 1 or self.buffer < 0:
             raise ConfigError("group_size must be >= 1 and buffer >= 0")
         if self.sketch_ratio <= 0 or self.early_sketch_factor < 1 or self.early_layers < 0:
@@ -85,6 +100,12 @@ class QJLConfig:
         if layer_idx < self.early_layers:
             m *= self.early_sketch_factor
         return max(8, int(round(m / 8)) * 8)
+
+    def turbo_residual_dim(self, head_dim: int) -> int:
+        """Rows m of the turbo key residual's sketch (0: none), a multiple of 8 so signs pack into bytes."""
+        if self.turbo_residual_ratio == 0:
+            return 0
+        return max(8, int(round(self.turbo_residual_ratio * head_dim / 8)) * 8)
 
     def outliers(self, head_dim: int) -> int:
         return int(round(self.outlier_fraction * head_dim))

@@ -3,7 +3,8 @@
 Layout of a `.qjl` file:
   tensors   `layers.{i}.{name}` for every document tensor of layer i (codec states, exact window,
             per-layer parameters such as `key_head_outliers`), except the JL projection, which is
-            stored once per layer class as `projections.{seed}` (layers of a class share one matrix);
+            stored once per layer class as `projections.{seed}` (layers of a class share one matrix), and
+            likewise the turbo rotation as `rotations.{seed}`;
   metadata  strings only (safetensors' rule): format name and version, QJLConfig JSON, model name and
             identity, geometry, token counts, the prompt's suffix template, source file, creation time,
             and a sha256 checksum over the metadata and every tensor's name, dtype, shape and bytes.
@@ -26,17 +27,15 @@ from pathlib import Path
 
 import torch
 
-from .cache import QJLCache, kv_geometry
+from .cache import COMPRESSED_MODES, SHARED_PARAMS, QJLCache, kv_geometry, make_codecs, shared_seeds
 from .config import QJLConfig
-from .keys import QJLKeys
-from .values import QuantValues
 
 FORMAT_NAME = "qjl-cache"
 FORMAT_VERSION = "1"
 # Written in pieces so a huge cache never needs a second copy in a single write call.
 _CHUNK_BYTES = 1 << 20
 _WINDOW_NAMES = ("window_keys", "window_values")
-_PARAM_NAMES = ("projection", "key_mean", "key_head_outliers")
+_PARAM_NAMES = ("projection", "rotation", "key_mean", "key_head_outliers")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -71,9 +70,10 @@ def _file_tensors(cache: QJLCache) -> dict[str, torch.Tensor]:
     """Every tensor a file stores, by file name, on the CPU and contiguous."""
     out: dict[str, torch.Tensor] = {}
     for layer in cache.layers:
+        seeds = shared_seeds(layer.key_codec)
         for name, t in layer.document_tensors().items():
-            if name == "projection":
-                out.setdefault(f"projections.{layer.key_codec.seed}", t.detach().cpu().contiguous().clone())
+            if name in SHARED_PARAMS:  # once per seed: projections.{seed}, rotations.{seed}
+                out.setdefault(f"{name}s.{seeds[name]}", t.detach().cpu().contiguous().clone())
             else:
                 out[f"layers.{layer.layer_idx}.{name}"] = t.detach().cpu().contiguous().clone()
     return out
@@ -83,7 +83,7 @@ def _file_tensors(cache: QJLCache) -> dict[str, torch.Tensor]:
 def cache_metadata(cache: QJLCache, *, model_name: str, identity: str, suffix_template: str,
                    source: dict | None = None) -> dict:
     if not isinstance(cache, QJLCache):
-        raise CacheFileError("only a compressed cache (--kv qjl) can be saved to a cache file")
+        raise CacheFileError("only a compressed cache (--kv qjl or turbo) can be saved to a cache file")
     if not all(layer.frozen for layer in cache.layers):
         raise CacheFileError("the cache holds no finished document (prefill a document before saving)")
     source = source or {}
@@ -219,8 +219,8 @@ def _parse_config(meta: dict, path: Path) -> QJLConfig:
     except Exception as e:  # noqa: BLE001 - JSON, unknown fields, bad values, wrong types
         raise CacheFileError(f"{path}: its QJL settings cannot be read ({' '.join(str(e).split())[:120]}); "
                              f"save the document again with this qjl") from None
-    if config.kv != "qjl":
-        raise CacheFileError(f"{path}: not a compressed (--kv qjl) cache; save the document again")
+    if config.kv not in COMPRESSED_MODES:
+        raise CacheFileError(f"{path}: not a compressed (--kv qjl or turbo) cache; save the document again")
     return config
 
 
@@ -228,8 +228,7 @@ def _expected_layer(config: QJLConfig, layer_idx: int, head_dim: int, n_kv: int,
                     n_compressed: int, n_window: int, storage_dtype: torch.dtype) -> dict[str, tuple]:
     """{name: (dtype, shape)} a layer's document tensors must have; found by encoding one probe group."""
     out: dict[str, tuple] = {}
-    keys = QJLKeys.for_layer(config, layer_idx, head_dim)
-    values = QuantValues.for_layer(config, layer_idx, head_dim)
+    keys, values = make_codecs(config, layer_idx, head_dim)
     G = config.group_size
     if n_compressed:
         with torch.no_grad():
@@ -239,8 +238,8 @@ def _expected_layer(config: QJLConfig, layer_idx: int, head_dim: int, n_kv: int,
             shape = list(t.shape)
             shape[2] = shape[2] * (n_compressed // G)
             out[name] = (t.dtype, tuple(shape))
-        for name, t in keys.params().items():
-            if name != "projection":
+        for name, t in {**keys.params(), **values.params()}.items():
+            if name not in SHARED_PARAMS:
                 out[name] = (t.dtype, tuple(t.shape))
     out["window_keys"] = out["window_values"] = (storage_dtype, (batch, n_kv, n_window, head_dim))
     return out
@@ -290,9 +289,11 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
         for name, spec in _expected_layer(config, i, head_dim, n_kv, batch, n_compressed[i],
                                           tokens - n_compressed[i], storage_dtype).items():
             expected[f"layers.{i}.{name}"] = spec
-        codec = QJLKeys.for_layer(config, i, head_dim)
-        seeds[i] = codec.seed
-        expected[f"projections.{codec.seed}"] = (torch.float32, tuple(codec.projection.shape))
+        codec, _ = make_codecs(config, i, head_dim)
+        seeds[i] = shared_seeds(codec)
+        params = codec.params()
+        for name, seed in seeds[i].items():
+            expected[f"{name}s.{seed}"] = (torch.float32, tuple(params[name].shape))
     if set(tensors) != set(expected):
         extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
         what = f"unexpected tensor {extra[0]}" if extra else f"missing tensor {missing[0]}"
@@ -311,14 +312,19 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     cache = QJLCache(model_config, config)
-    projections = {seed: tensors[f"projections.{seed}"].to(device) for seed in set(seeds.values())}
+    shared = {f"{name}s.{seed}": tensors[f"{name}s.{seed}"].to(device)
+              for layer_seeds in seeds.values() for name, seed in layer_seeds.items()}
     for i, layer in enumerate(cache.layers):
         own = {name[len(f"layers.{i}."):]: t.to(device) for name, t in tensors.items()
                if name.startswith(f"layers.{i}.")}
         codec = layer.key_codec
-        codec.projection = projections[seeds[i]]
-        codec.mean = own.get("key_mean")
-        codec.head_outliers = own.get("key_head_outliers")
+        for name, seed in seeds[i].items():  # the file's matrices, never the RNG's
+            setattr(codec, name, shared[f"{name}s.{seed}"])
+        if hasattr(layer.value_codec, "rotation"):  # turbo values share the keys' rotation
+            layer.value_codec.rotation = codec.rotation
+        if hasattr(codec, "head_outliers"):
+            codec.mean = own.get("key_mean")
+            codec.head_outliers = own.get("key_head_outliers")
         if n_compressed[i]:
             layer.key_state = {n: t for n, t in own.items() if n.startswith("key_") and n not in _PARAM_NAMES}
             layer.value_state = {n: t for n, t in own.items() if n.startswith("value_")}

@@ -101,6 +101,9 @@ CONFIGS = {
     "group-outliers-centred-early": QJLConfig(outlier_scope="group", outlier_bits=16, center_keys=True,
                                               early_layers=1, value_bits=4, value_group=32),
     "fp16-head-outliers": QJLConfig(outlier_bits=16, buffer=0),
+    "turbo": QJLConfig(kv="turbo"),
+    "turbo-k2-residual-v4": QJLConfig(kv="turbo", turbo_key_bits=2, turbo_residual_ratio=1.0, turbo_value_bits=4,
+                                      buffer=0),
 }
 
 
@@ -121,6 +124,19 @@ def test_loaded_cache_answers_token_for_token_like_the_saved_one(tiny, tmp_path,
         tokens_b, logits_b = _greedy(model, loaded, q)
         assert tokens_a == tokens_b
         assert all(torch.equal(a, b) for a, b in zip(logits_a, logits_b))
+
+
+def test_a_turbo_file_holds_its_rotation_and_sketch_once_and_loads_them(tiny, tmp_path):
+    model, cfg = tiny
+    cache = _prefilled(model, cfg, 300, CONFIGS["turbo-k2-residual-v4"])
+    tensors = _file_tensors(cache)
+    assert sorted(n for n in tensors if not n.startswith("layers.")) == ["projections.3", "rotations.2"]
+    assert 8 * sum(t.numel() * t.element_size() for t in tensors.values()) == 8 * cache.document_nbytes()
+    loaded, _ = _load(_save(cache, tmp_path / "t.qjl"), cfg)
+    for layer in loaded.layers:  # the file's matrices, shared by keys and values of every layer
+        assert torch.equal(layer.key_codec.rotation, tensors["rotations.2"])
+        assert layer.value_codec.rotation is layer.key_codec.rotation
+        assert torch.equal(layer.key_codec.projection, tensors["projections.3"])
 
 
 def test_load_cache_with_a_loaded_model(tiny, saved):

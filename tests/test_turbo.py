@@ -1,0 +1,207 @@
+"""Rotation + Lloyd-Max codecs (qjl/turbo.py) and `--kv turbo` through the cache, on tiny random Llama models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qjl.attention  # noqa: F401  (registers attn_implementation "qjl")
+from qjl.cache import QJLCache
+from qjl.config import ConfigError, QJLConfig
+from qjl.sketch import jl_projection
+from qjl.turbo import TurboKeys, TurboValues, codebook, pack, rotation, solve_lloyd_max, unpack
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Lloyd-Max quantisers of N(0, 1) (Max 1960), positive half.
+GAUSSIAN = {1: [0.7979], 2: [0.4528, 1.510], 3: [0.2451, 0.7560, 1.344, 2.152]}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- codebooks and rotation ---------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_solver_gives_the_known_gaussian_lloyd_max_values(bits):
+    c, b = solve_lloyd_max(bits, 0)
+    half = c[len(c) // 2:]
+    assert half == pytest.approx(GAUSSIAN[bits], abs=6e-4)
+    assert c[: len(c) // 2] == pytest.approx(-half[::-1], abs=1e-9)  # symmetric
+    assert b == pytest.approx((c[1:] + c[:-1]) / 2)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_sphere_codebook_times_sqrt_d_is_close_to_the_gaussian_one(bits):
+    c, _ = codebook(bits, 128)
+    half = (c * math.sqrt(128))[len(c) // 2:].tolist()
+    assert half == pytest.approx(GAUSSIAN[bits], rel=0.012)  # the sphere's tails are a little lighter
+
+
+def test_rotation_is_orthogonal_and_preserves_inner_products():
+    R = rotation(64, 7).double()
+    assert torch.allclose(R @ R.T, torch.eye(64, dtype=torch.float64), atol=1e-6)
+    x, y = torch.randn(50, 64, generator=_gen(1), dtype=torch.float64), torch.randn(50, 64, generator=_gen(2),
+                                                                                      dtype=torch.float64)
+    assert torch.allclose((x @ R.T) @ (y @ R.T).T, x @ y.T, atol=1e-5)
+    assert torch.equal(rotation(64, 7), rotation(64, 7)) and not torch.allclose(rotation(64, 7), rotation(64, 8))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_pack_round_trip(bits):
+    codes = torch.randint(0, 1 << bits, (2, 3, 5, 64), generator=_gen(bits)).to(torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape[-1] == 64 * bits // 8 and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+# --- scores and weighted sums from codes --------------------------------------------------------
+def _keys(bits, d=64, m=0, pseed=5):
+    proj = jl_projection(m, d, pseed) if m else None
+    return TurboKeys(rotation(d, 3), bits, d, 3, proj, pseed)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_table_scores_equal_dequantise_then_matmul(bits):
+    """Tolerance: 1e-5 of the logits' scale (float32 sums in another order; the table holds q_j * c exactly)."""
+    codec = _keys(bits)
+    k = torch.randn(1, 2, 96, 64, generator=_gen(1)) * 3
+    q = torch.randn(1, 2, 7, 64, generator=_gen(2))
+    state = codec.encode(k)
+    ref = q @ codec.decode(state).transpose(2, 3)
+    got = codec.scores(q, state)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # and the codes are good ones: the relative error of k_hat falls with the bits (Lloyd-Max MSE, d=64)
+    err = ((codec.decode(state) - k).norm(dim=-1) / k.norm(dim=-1)).pow(2).mean().item()
+    assert err < {1: 0.40, 2: 0.13, 3: 0.04, 4: 0.012}[bits]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_weighted_sum_equals_weights_times_dequantised_values(bits):
+    codec = TurboValues(rotation(64, 3), bits, 64, 3)
+    v = torch.randn(1, 2, 80, 64, generator=_gen(3))
+    w = torch.softmax(torch.randn(1, 2, 5, 80, generator=_gen(4)), dim=-1)
+    state = codec.encode(v)
+    assert set(state) == {"value_codes", "value_norms"}
+    ref = w @ codec.decode(state)
+    assert torch.allclose(codec.weighted_sum(w, state), ref, atol=1e-5)
+
+
+def test_the_residual_sketch_makes_inner_products_unbiased():
+    """Mean over 300 sketch seeds of the residual estimate -> <q, k>; without it the error of k_hat stays."""
+    d = 64
+    k = torch.randn(1, 1, 32, d, generator=_gen(11))
+    q = torch.randn(1, 1, 32, d, generator=_gen(12))
+    exact = (q * k).sum(-1)[0, 0]
+    plain = _keys(2)
+    bias = (plain.scores(q, plain.encode(k))[0, 0].diagonal() - exact)
+    est = torch.stack([(lambda c: c.scores(q, c.encode(k))[0, 0].diagonal())(_keys(2, d, d, 1000 + s))
+                       for s in range(300)]).double()
+    err = est.mean(0) - exact
+    scale = (q.norm(dim=-1) * k.norm(dim=-1))[0, 0]
+    # standard error of the mean: sqrt(pi/2 / m) * ||q|| ||r|| / sqrt(300), ||r|| ~ 0.35 ||k|| at 2 bits
+    assert (err.abs() / scale).max() < 5 * math.sqrt(math.pi / 2 / d) * 0.4 / math.sqrt(300)
+    assert err.abs().mean() < 0.25 * bias.abs().mean()
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        QJLConfig(kv="turbo", turbo_key_bits=5)
+    with pytest.raises(ConfigError):
+        QJLConfig(kv="turbo", turbo_residual_ratio=-1)
+    assert QJLConfig(turbo_residual_ratio=1.0).turbo_residual_dim(64) == 64
+    assert QJLConfig().turbo_residual_dim(64) == 0
+
+
+# --- through the cache ----------------------------------------------------------------------------
+DOC, TAIL = 600, 20
+
+
+def _model(head_dim=64, heads=4, kv_heads=2, layers=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # attention that depends on the keys (tests/test_cache.py)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.mul_(3.0)
+    model.set_attn_implementation("qjl")
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _model()
+
+
+def _ids(n, seed=1):
+    return torch.randint(0, 256, (1, n), generator=_gen(seed))
+
+
+@torch.no_grad()
+def _ask(model, cfg, ids, config):
+    cache = QJLCache(cfg, config)
+    model(ids[:, :DOC], past_key_values=cache)
+    cache.freeze_document()
+    return model(ids[:, DOC:], past_key_values=cache).logits, cache
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_turbo_logits_are_closer_to_exact_than_qjl_at_similar_bits(tiny):
+    model, cfg = tiny
+    ids = _ids(DOC + TAIL)
+    with torch.no_grad():
+        exact = model(ids).logits[:, DOC:]
+    qjl, qc = _ask(model, cfg, ids, QJLConfig())
+    turbo, tc = _ask(model, cfg, ids, QJLConfig(kv="turbo"))
+    assert tc.layers[0].n_compressed > 0 and "key_codes" in tc.layers[0].key_state
+    assert tc.bits_per_number() <= qc.bits_per_number() + 0.1
+    assert _rel(turbo, exact) < _rel(qjl, exact)
+
+
+@pytest.mark.parametrize("config", [QJLConfig(kv="turbo"),
+                                    QJLConfig(kv="turbo", turbo_key_bits=2, turbo_residual_ratio=1.0)])
+def test_rollback_restores_the_document_exactly(tiny, config):
+    model, cfg = tiny
+    cache = QJLCache(cfg, config)
+    with torch.no_grad():
+        model(_ids(300, 5), past_key_values=cache)
+        cache.freeze_document()
+        snap = [{n: t.clone() for n, t in layer.document_tensors().items()} for layer in cache.layers]
+        doc_bytes = cache.document_nbytes()
+        first = model(_ids(20, 6), past_key_values=cache).logits
+        assert cache.nbytes() > doc_bytes
+        cache.rollback()
+        model(_ids(13, 7), past_key_values=cache)
+        cache.rollback()
+        again = model(_ids(20, 6), past_key_values=cache).logits
+        cache.rollback()
+    for layer, s in zip(cache.layers, snap):
+        now = layer.document_tensors()
+        assert set(now) == set(s)
+        assert all(now[n].dtype == t.dtype and torch.equal(now[n], t) for n, t in s.items())
+    assert cache.nbytes() == doc_bytes and torch.equal(first, again)
+
+
+def test_bits_by_hand(tiny):
+    """K3/V2, residual m=d, d=64, 2 KV heads, 2 layers, 600 tokens: 512 compressed + an 88-token fp16 window."""
+    model, cfg = tiny
+    config = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_residual_ratio=1.0)
+    _, cache = _ask(model, cfg, _ids(DOC + TAIL), config)
+    cache.rollback()
+    d, h, layers, nc = 64, 2, 2, 512
+    assert [layer.n_compressed for layer in cache.layers] == [nc] * layers
+    key = d * 3 // 8 + 2 + d // 8 + 2  # codes, norm, residual signs, residual norm
+    value = d * 2 // 8 + 2
+    window = (DOC - nc) * d * 2 * 2  # keys and values in fp16
+    shared = d * d * 4 + d * d * 4  # one rotation and one residual projection for the whole model
+    assert cache.document_nbytes() == layers * h * (nc * (key + value) + window) + shared
+    assert cache.bits_per_number() == pytest.approx(8 * cache.document_nbytes() / (2 * DOC * layers * h * d))
