@@ -230,6 +230,7 @@ def main(
 
 class KVMode(str, enum.Enum):
     qjl = "qjl"
+    turbo = "turbo"
     exact = "exact"
 
 
