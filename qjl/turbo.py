@@ -134,6 +134,17 @@ def _byte_codes(bits: int, device: str) -> torch.Tensor:
     return unpack_codes(torch.arange(256, dtype=torch.uint8).unsqueeze(-1), bits).long().to(device)
 
 
+@functools.lru_cache(maxsize=16)
+def _byte_onehot(bits: int, device: str) -> torch.Tensor:
+    """[per * 2^b, 256] float32: entry (s * 2^b + c, byte) is 1 if code s of the byte is c (bits 1, 2, 4)."""
+    codes = _byte_codes(bits, "cpu")  # [256, per]
+    per, K = codes.shape[1], 1 << bits
+    rows = torch.arange(per).unsqueeze(0) * K + codes  # [256, per]
+    m = torch.zeros(per * K, 256)
+    m[rows, torch.arange(256).unsqueeze(1).expand(256, per)] = 1.0
+    return m.to(device)
+
+
 def _centroid_values(packed: torch.Tensor, bits: int, centroids: torch.Tensor) -> torch.Tensor:
     """The centroid of every packed code, float32 [..., n], by one table look-up per byte (bits 1, 2, 4)."""
     if bits == 3:
@@ -255,10 +266,9 @@ class TurboKeys(_Rotated):
             dots = table_dots(qc, unpack(packed, 3))
         else:
             per = 8 // self.bits
-            qc = qc.view(B, H, Q, D // per, per, -1)
-            codes = _byte_codes(self.bits, str(q.device))  # [256, per]
-            table = sum(qc[..., s, :].index_select(-1, codes[:, s]) for s in range(per))  # [B, H, Q, D/per, 256]
-            dots = table_dots(table, packed)
+            # table[..., i, byte] = sum_s qc[..., i*per + s, code s of byte]: one matmul with a 0/1 matrix
+            table = qc.reshape(B, H, Q, D // per, -1) @ _byte_onehot(self.bits, str(q.device))
+            dots = table_dots(table, packed)  # [B, H, Q, D/per, 256] summed by the packed bytes
         logits = dots * state["key_norms"].float().unsqueeze(2)
         if self.projection is not None:
             res = table_dots(byte_sign_table(q @ self.projection.T), state["key_residual_signs"])

@@ -50,6 +50,15 @@ PRESETS = {
         "default, buffer 128": QJLConfig(buffer=128),
         "default, 2 early layers": QJLConfig(early_layers=2),
     },
+    # --kv turbo (qjl/turbo.py): b bits a coordinate + an fp16 norm a vector; "+r1" adds a 1-bit QJL sketch
+    # of the key residual with m = d rows (+ its fp16 norm). Buffer 64 exact tokens, as the default.
+    "turbo": {
+        "turbo K3/V2": QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2),
+        "turbo K2/V2": QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2),
+        "turbo K2+r1 (m=d)/V2": QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2, turbo_residual_ratio=1.0),
+        "turbo K3/V3": QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=3),
+        "turbo K4/V2": QJLConfig(kv="turbo", turbo_key_bits=4, turbo_value_bits=2),
+    },
 }
 
 
