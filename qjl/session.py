@@ -34,8 +34,8 @@ class DocumentTooLongError(ValueError):
         self.document_tokens, self.limit, self.context = document_tokens, limit, context
         super().__init__(
             f"the document is {document_tokens} tokens but at most {limit} fit (the model's context is {context} "
-            f"tokens, less room for the question and answer); shorten or split the document, lower "
-            f"--max-new-tokens, or use a model with a longer context")
+            f"tokens, less room for the question and answer); give --truncate head|tail|middle to keep that much "
+            f"of it, shorten or split the document, lower --max-new-tokens, or use a model with a longer context")
 
 
 @dataclass
@@ -157,10 +157,63 @@ class Session:
         return self.stats(elapsed)
 
     def load_document(self, document: str, max_new_tokens: int = 256, chunk: int | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> DocumentStats:
+                      progress: Callable[[int, int], None] | None = None,
+                      truncate: str | None = None) -> DocumentStats:
+        """Tokenise, check the document fits (or cut it: `truncate` head|tail|middle keeps that part), prefill.
+
+        With a cut, stats.extra["truncated"] says what was kept and dropped, in tokens and characters."""
         ids = self.tokenize_document(document)
+        cut = None
+        if truncate and len(ids) > self.limit(max_new_tokens):
+            ids, cut = self.truncate_document(document, len(ids), max_new_tokens, truncate)
         self.check_fits(len(ids), max_new_tokens)
-        return self.prefill(ids, chunk=chunk, progress=progress)
+        stats = self.prefill(ids, chunk=chunk, progress=progress)
+        if cut:
+            stats.extra["truncated"] = cut
+        return stats
+
+    def limit(self, max_new_tokens: int) -> int:
+        return self.loaded.context_length - QUESTION_RESERVE - max_new_tokens
+
+    def truncate_document(self, document: str, prompt_tokens: int, max_new_tokens: int,
+                          mode: str) -> tuple[list[int], dict]:
+        """Keep the head, tail or both ends of the document so the prompt prefix fits; a marker shows the cut.
+
+        Cuts on token boundaries of the document tokenised alone, then re-tokenises the whole prefix and
+        cuts further until it fits (a boundary can merge or split a token or two)."""
+        if mode not in TRUNCATE_MODES:
+            raise ValueError(f"truncate must be one of {', '.join(TRUNCATE_MODES)}, not {mode!r}")
+        limit = self.limit(max_new_tokens)
+        doc_ids, spans = self._document_spans(document)
+        n_doc = len(doc_ids)
+        overhead = prompt_tokens - n_doc
+        keep = limit - overhead - len(self.tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"]) - 2
+        for _ in range(16):
+            if keep <= 0:
+                break
+            text = _cut(document, spans, keep, mode)
+            ids = self.tokenize_document(text)
+            if len(ids) <= limit:
+                dropped = n_doc - keep
+                return ids, {"mode": mode, "document_tokens": prompt_tokens, "kept_tokens": len(ids),
+                             "dropped_tokens": dropped, "dropped_chars": len(document) - len(text)
+                             + len(TRUNCATION_MARK), "limit": limit}
+            keep -= max(1, len(ids) - limit)
+        self.tokenize_document(document)  # the suffix template of the whole document again
+        raise DocumentTooLongError(prompt_tokens, limit, self.loaded.context_length)
+
+    def _document_spans(self, document: str) -> tuple[list[int], list[tuple[int, int]]]:
+        try:
+            enc = self.tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
+            return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+        except (NotImplementedError, ValueError, TypeError, KeyError):  # a slow tokenizer: spans by decoding
+            ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
+            spans, pos = [], 0
+            for i in range(len(ids)):
+                end = min(len(document), len(self.tokenizer.decode(ids[:i + 1])))
+                spans.append((pos, max(pos, end)))
+                pos = max(pos, end)
+            return ids, spans
 
     # --- cache files (qjl/store.py) ---------------------------------------------------------
     def save_cache(self, path, source_info: dict | None = None):
@@ -261,6 +314,26 @@ class Session:
             decode_ms_per_token=1000 * t["decode_s"] / steps_after_first if steps_after_first else 0.0,
             stopped=stopped,
         )
+
+
+TRUNCATE_MODES = ("head", "tail", "middle")
+TRUNCATION_MARK = "\n[... part of the document left out here to fit the model's context ...]\n"
+
+
+def _cut(document: str, spans: list[tuple[int, int]], keep: int, mode: str) -> str:
+    """The document with only `keep` of its tokens (by character spans), the rest replaced by a marker."""
+    n = len(spans)
+    if keep >= n:
+        return document
+    if mode == "head":
+        return document[:spans[keep - 1][1]] + TRUNCATION_MARK
+    if mode == "tail":
+        return TRUNCATION_MARK + document[spans[n - keep][0]:]
+    head = (keep + 1) // 2
+    tail = keep - head
+    end = spans[head - 1][1] if head else 0
+    start = spans[n - tail][0] if tail else len(document)
+    return document[:end] + TRUNCATION_MARK + document[start:]
 
 
 def _decoder_layers(model) -> list:
