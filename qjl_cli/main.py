@@ -27,7 +27,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from qjl.config import ConfigError, QJLConfig
-from qjl.documents import DocumentError, read_document
+from qjl.documents import DocumentError
 
 # click's exceptions, from whichever click Typer runs on (Typer >= 0.2x vendors its own copy as typer._click).
 _click_exceptions = sys.modules[typer.BadParameter.__module__]
@@ -69,10 +69,20 @@ Environment:
 
 ASK_EXAMPLES = """\
 Examples:
-  qjl ask report.txt "What was revenue in 2023?"
-  cat notes.md | qjl ask - "Summarise the decisions"
-  qjl ask report.txt "Who signed it?" --json --kv exact
+  qjl ask report.pdf "What was revenue in 2023?"
+  qjl ask report.pdf                                  (interactive: many questions, one reading)
+  cat notes.md | qjl ask - "Summarise the decisions" --json
+  qjl ask minutes.txt budget.pdf page.html -q "Who approved the budget?"
+  qjl ask report.pdf --questions questions.txt > answers.jsonl
+  qjl ask long.txt "How does it end?" --truncate tail
+  qjl ask secret.pdf "Who signed it?" --password hunter2
   qjl ask report.md "Who signed it?" -m ./SmolLM2-360M.gguf"""
+
+INTERACTIVE_HELP = """\
+Interactive session (no question, stdin a terminal):
+  each question is answered from the document alone; Ctrl-C stops an answer,
+  Ctrl-D or /exit leaves; /info shows tokens, cache bytes and bits per number;
+  /reset forgets the conversation."""
 
 
 def _epilog(*parts: str) -> str:
@@ -234,66 +244,244 @@ class KVMode(str, enum.Enum):
     exact = "exact"
 
 
-@app.command(epilog=_epilog(ASK_EXAMPLES, EXIT_CODES_HELP, ENVIRONMENT_HELP))
+class Truncate(str, enum.Enum):
+    head = "head"
+    tail = "tail"
+    middle = "middle"
+
+
+@app.command(epilog=_epilog(ASK_EXAMPLES, INTERACTIVE_HELP, EXIT_CODES_HELP, ENVIRONMENT_HELP))
 def ask(
-    file: str = typer.Argument(..., show_default=False,
-                               help="Document to read: a .txt or .md file, or - for stdin; or a .qjl cache file "
-                                    "from `qjl cache save` (answers without reading the document again)."),
-    question: str = typer.Argument(..., show_default=False, help="The question to answer."),
+    args: Optional[list[str]] = typer.Argument(
+        None, metavar="FILE... [QUESTION]", show_default=False,
+        help="Documents to read (.txt, .md, .html, .pdf, or - for stdin; several are read as one, each introduced "
+             "by its name) or one .qjl cache file from `qjl cache save`; then the question. With -q or --questions "
+             "every argument is a document. No question: an interactive session on a terminal, else one question "
+             "per line on stdin."),
+    question_opt: Optional[list[str]] = typer.Option(
+        None, "--question", "-q", show_default=False,
+        help="A question (repeat for several, all answered from one reading of the document)."),
+    questions_file: Optional[str] = typer.Option(
+        None, "--questions", metavar="FILE", show_default=False,
+        help="Answer one question per line of FILE (- for stdin) from one reading of the document; "
+             "JSON Lines on stdout, one object per question."),
+    password: Optional[str] = typer.Option(None, "--password", envvar="QJL_PDF_PASSWORD", show_default=False,
+                                           help="Password of an encrypted PDF (or set QJL_PDF_PASSWORD)."),
+    truncate: Optional[Truncate] = typer.Option(
+        None, "--truncate", show_default=False,
+        help="A document longer than the model's context: keep its head, tail or both ends (middle dropped) "
+             "instead of failing; what was dropped is reported on stderr."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", show_default=False,
         help="Model: a Hugging Face id (org/name), a local model folder or a .gguf file. "
              "Default: $QJL_MODEL, else the embedded SmolLM2-135M-Instruct."),
     kv: KVMode = typer.Option(KVMode.qjl, "--kv",
-                              help="KV cache: qjl (compressed) or exact (uncompressed, to compare)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens in the answer."),
+                              help="KV cache: qjl (compressed), turbo, or exact (uncompressed, to compare)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens in an answer."),
     prefill_chunk: Optional[int] = typer.Option(
         None, "--prefill-chunk", min=1, metavar="N", show_default=False,
         help="Read the document N tokens at a time (less peak memory). Default: all at once."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer and measurements) on stdout."),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print one JSON object (answer and measurements) per question on stdout."),
     no_stream: bool = typer.Option(False, "--no-stream",
-                                   help="Print the answer at the end instead of token by token on a terminal."),
+                                   help="Print each answer at the end instead of token by token on a terminal."),
 ) -> None:
-    """Answer QUESTION about the document FILE; the answer goes to stdout, progress and timings to stderr."""
+    """Answer questions about the documents FILE...; answers go to stdout, progress and timings to stderr."""
     with user_errors():
-        if not question.strip():
-            raise typer.BadParameter("the question is empty", param_hint="'question'")
+        files, questions, source = _plan_questions(list(args or []), list(question_opt or []), questions_file)
         config = QJLConfig(kv=kv.value)
-        from_cache = _is_cache_file(file)
+        from_cache = len(files) == 1 and _is_cache_file(files[0])
         if from_cache:
             if kv is KVMode.exact:
                 raise typer.BadParameter("a .qjl file holds a compressed cache; leave out --kv exact",
                                          param_hint="'--kv'")
-            _inspect_cache(file)  # a bad file fails here, before the model loads
-            name = file
+            _inspect_cache(files[0])  # a bad file fails here, before the model loads
+            name = files[0]
         else:
-            text, name = read_document(file)
+            if any(_is_cache_file(f) for f in files):
+                raise typer.BadParameter("a .qjl cache file is answered from on its own; give it without other "
+                                         "documents", param_hint="'FILE'")
+            text, name = _read_with_progress(files, password, _stderr_console())
         console = _stderr_console()
+        if source == "stdin-lines":
+            questions = _stdin_questions()  # the first is read now: none is a usage error before the model loads
         loaded = _load_with_progress(model, console)
         session = new_session(loaded, config)
         if from_cache:
-            stats = _load_cache_with_progress(session, file, max_new_tokens, console)
+            stats = _load_cache_with_progress(session, files[0], max_new_tokens, console)
         else:
-            stats = _prefill_with_progress(session, text, max_new_tokens, prefill_chunk, console)
+            stats = _prefill_with_progress(session, text, max_new_tokens, prefill_chunk, console,
+                                           truncate.value if truncate else None)
+        kv_name = getattr(getattr(session, "config", None), "kv", kv.value) if from_cache else kv.value
+        if source == "interactive":
+            _interactive(session, stats, loaded, kv_name, name, max_new_tokens, console, no_stream)
+            return
+        jsonl = as_json or source == "questions-file"
+        _answer_all(session, stats, loaded, kv_name, name, questions, max_new_tokens, console,
+                    as_json=jsonl, no_stream=no_stream)
+
+
+def _plan_questions(args: list[str], question_opt: list[str], questions_file: Optional[str]):
+    """(documents, questions, source): source is "given", "questions-file", "stdin-lines" or "interactive"."""
+    if not args:
+        raise typer.BadParameter("give a document: FILE, or - for stdin", param_hint="'FILE'")
+    files, questions = args, list(question_opt)
+    if not question_opt and not questions_file and len(args) >= 2:
+        files, last = args[:-1], args[-1]
+        if last != "-" and Path(last).is_file():
+            raise typer.BadParameter(f"{last} is a file, not a question; to ask about several documents give the "
+                                     f"question with -q QUESTION", param_hint="'QUESTION'")
+        questions = [last]
+    if any(not q.strip() for q in questions):
+        raise typer.BadParameter("the question is empty", param_hint="'QUESTION'")
+    if questions_file:
+        if questions_file == "-" and "-" in files:
+            raise typer.BadParameter("stdin cannot be both the document and the questions", param_hint="'--questions'")
+        questions += _read_questions_file(questions_file)
+        if not questions:
+            raise typer.BadParameter(f"{questions_file} has no questions (one per line)", param_hint="'--questions'")
+        return files, questions, "questions-file"
+    if questions:
+        return files, questions, "given"
+    if _is_terminal(sys.stdin):
+        return files, [], "interactive"
+    if "-" in files:
+        raise typer.BadParameter("no question: the document is read from stdin, so give the question as "
+                                 "QUESTION, -q or --questions FILE", param_hint="'QUESTION'")
+    return files, [], "stdin-lines"
+
+
+def _read_questions_file(path: str) -> list[str]:
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            raise DocumentError(f"{path}: no such file (--questions); check the path") from None
+        except UnicodeDecodeError:
+            raise DocumentError(f"{path} (--questions) is not UTF-8 text; one question per line") from None
+        except OSError as e:
+            raise DocumentError(f"cannot read {path} (--questions): {e.strerror or e}") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _stdin_questions() -> Iterator[str]:
+    """Questions one per line on stdin, read as they come (a pipeline can feed them one at a time)."""
+    def lines() -> Iterator[str]:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+
+    it = lines()
+    first = next(it, None)
+    if first is None:
+        raise typer.BadParameter("no question: give QUESTION, -q, --questions FILE, or questions one per line on "
+                                 "stdin (on a terminal, an interactive session)", param_hint="'QUESTION'")
+
+    def chained() -> Iterator[str]:
+        yield first
+        yield from it
+
+    return chained()
+
+
+def _answer_once(session, question: str, max_new_tokens: int, console, stream: bool):
+    with _AnswerOutput(console, stream) as output:
+        return session.ask(question, max_new_tokens=max_new_tokens, on_text=output.on_text)
+
+
+def _answer_all(session, stats, loaded, kv: str, name: str, questions, max_new_tokens: int, console, *,
+                as_json: bool, no_stream: bool) -> None:
+    """Each question from the document state, in order: answers (or JSON Lines) on stdout as they come."""
+    answer, count = None, 0
+    for q in questions:
         stream = not as_json and not no_stream and _is_terminal(sys.stdout)
-        with _AnswerOutput(console, stream) as output:
-            answer = session.ask(question, max_new_tokens=max_new_tokens, on_text=output.on_text)
+        answer = _answer_once(session, q, max_new_tokens, console, stream)
+        count += 1
         if as_json:
-            typer.echo(json.dumps(_result(answer, stats, loaded, kv.value, name, question), ensure_ascii=False))
+            typer.echo(json.dumps(_result(answer, stats, loaded, kv, name, q), ensure_ascii=False))
         elif stream:
             typer.echo()
         else:
             typer.echo(answer.text)
+        sys.stdout.flush()
         if answer.generated_tokens >= max_new_tokens and not answer.stopped:
             _warn(console, f"the answer stopped at --max-new-tokens {max_new_tokens} and may be cut short; "
                            f"raise it for a longer answer")
-        if not as_json:
-            if not answer.text:
-                _warn(console, "the model gave an empty answer")
-            console.print(_summary(stats, answer, loaded, kv.value), markup=False, highlight=False,
-                          style="dim", soft_wrap=True)
+        if not as_json and not answer.text and not answer.stopped:
+            _warn(console, "the model gave an empty answer")
         if answer.stopped:
             raise KeyboardInterrupt
+    if answer is not None and not as_json:
+        console.print(_summary(stats, answer, loaded, kv) + (f"; {count} questions" if count > 1 else ""),
+                      markup=False, highlight=False, style="dim", soft_wrap=True)
+
+
+def _read_line(prompt: str) -> str:
+    """One line from the terminal: the prompt on stderr, line editing and history from readline."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    return input()
+
+
+def _interactive(session, stats, loaded, kv: str, name: str, max_new_tokens: int, console, no_stream: bool) -> None:
+    """A prompt loop: every question answered from the document state; Ctrl-C stops an answer, Ctrl-D leaves."""
+    try:
+        import readline  # noqa: F401 - input() then has line editing and history
+    except ImportError:  # not on every platform
+        pass
+    console.print(f"{name}: {stats.document_tokens:,} tokens read. Ask questions; /info, /reset, /exit "
+                  f"(or Ctrl-D) to leave, Ctrl-C stops an answer.", markup=False, highlight=False, style="dim",
+                  soft_wrap=True)
+    asked = 0
+    while True:
+        try:
+            line = _read_line("qjl> ")
+        except EOFError:
+            sys.stderr.write("\n")
+            break
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+            sys.stderr.write("^C\n")
+            continue
+        q = line.strip()
+        if not q:
+            continue
+        if q in ("/exit", "/quit"):
+            break
+        if q == "/info":
+            console.print(f"model {loaded.name}, --kv {kv}; document {name}: {stats.document_tokens:,} tokens; "
+                          f"KV cache {stats.kv_bytes:,} bytes ({_mb(stats.kv_bytes)}), "
+                          f"{stats.kv_bits_per_number:.2f} bits/number (16-bit: {_mb(stats.fp16_bytes)}); "
+                          f"{asked} questions answered", markup=False, highlight=False, soft_wrap=True)
+            continue
+        if q == "/reset":
+            session.rollback() if hasattr(session, "rollback") else None
+            console.print("conversation forgotten: the next question is answered from the document alone",
+                          markup=False, highlight=False, soft_wrap=True)
+            continue
+        if q.startswith("/"):
+            console.print(f"unknown command {q}; the commands are /info, /reset and /exit", markup=False,
+                          highlight=False, soft_wrap=True)
+            continue
+        stream = not no_stream
+        try:
+            answer = _answer_once(session, q, max_new_tokens, console, stream)
+        except KeyboardInterrupt:  # between tokens the session catches it; this is before the first one
+            sys.stdout.write("\n")
+            console.print("(answer stopped)", style="dim", markup=False, highlight=False)
+            continue
+        asked += 1
+        if stream:
+            typer.echo()
+        else:
+            typer.echo(answer.text)
+        if answer.stopped:
+            console.print("(answer stopped)", style="dim", markup=False, highlight=False)
+        else:
+            console.print(f"{answer.generated_tokens} tokens, first token {answer.first_token_s:.2f} s, "
+                          f"{answer.decode_ms_per_token:.0f} ms/token", style="dim", markup=False, highlight=False)
 
 
 def _warn(console: Console, message: str) -> None:
@@ -403,17 +591,46 @@ def _load_with_progress(spec: Optional[str], console):
     return loaded
 
 
-def _prefill_with_progress(session, text: str, max_new_tokens: int, chunk: Optional[int], console):
+def _prefill_with_progress(session, text: str, max_new_tokens: int, chunk: Optional[int], console,
+                           truncate: Optional[str] = None):
+    kwargs = {"truncate": truncate} if truncate else {}
     if not console.is_terminal:
-        return session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk)
-    with Progress(TextColumn("Reading document"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                  _TokensPerSecond(), TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("prefill", total=None)
+        stats = session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk, **kwargs)
+    else:
+        with Progress(TextColumn("Reading document"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                      _TokensPerSecond(), TimeRemainingColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("prefill", total=None)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
 
-        return session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk, progress=progress)
+            stats = session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk, progress=progress,
+                                          **kwargs)
+    cut = getattr(stats, "extra", {}).get("truncated")
+    if cut:
+        part = {"head": "the end", "tail": "the beginning", "middle": "the middle"}[cut["mode"]]
+        _warn(console, f"--truncate {cut['mode']}: the document is {cut['document_tokens']:,} tokens and at most "
+                       f"{cut['limit']:,} fit; dropped {cut['dropped_tokens']:,} tokens "
+                       f"({cut['dropped_chars']:,} characters) from {part}, kept {cut['kept_tokens']:,}")
+    return stats
+
+
+def _read_with_progress(files: list[str], password: Optional[str], console) -> tuple[str, str]:
+    """Read the documents; PDF pages extracted are shown as a bar on a terminal."""
+    from qjl.documents import read_documents
+
+    if not console.is_terminal:
+        return read_documents(files, password=password)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pages"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        tasks: dict = {}
+
+        def progress(done: int, total: int, what: str) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(f"Extracting {what}", total=total)
+            bar.update(tasks[what], completed=done)
+
+        return read_documents(files, password=password, progress=progress)
 
 
 def _is_cache_file(file: str) -> bool:
@@ -464,7 +681,8 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("save", epilog=_epilog(CACHE_EXAMPLES, EXIT_CODES_HELP, ENVIRONMENT_HELP))
 def cache_save(
-    file: str = typer.Argument(..., show_default=False, help="Document to read: a .txt or .md file, or - for stdin."),
+    file: str = typer.Argument(..., show_default=False,
+                               help="Document to read: a .txt, .md, .html or .pdf file, or - for stdin."),
     output: str = typer.Option(..., "--output", "-o", show_default=False, metavar="FILE.qjl",
                                help="Cache file to write (replaced atomically if it exists)."),
     model: Optional[str] = typer.Option(
@@ -474,14 +692,16 @@ def cache_save(
     prefill_chunk: Optional[int] = typer.Option(
         None, "--prefill-chunk", min=1, metavar="N", show_default=False,
         help="Read the document N tokens at a time (less peak memory). Default: all at once."),
+    password: Optional[str] = typer.Option(None, "--password", envvar="QJL_PDF_PASSWORD", show_default=False,
+                                           help="Password of an encrypted PDF (or set QJL_PDF_PASSWORD)."),
 ) -> None:
     """Read the document FILE once and save its compressed cache to FILE.qjl; progress and sizes on stderr."""
     with user_errors():
         if not output.lower().endswith(".qjl"):
             raise typer.BadParameter("end the file name with .qjl, so `qjl ask` knows it is a cache",
                                      param_hint="'--output'")
-        text, name = read_document(file)
         console = _stderr_console()
+        text, name = _read_with_progress([file], password, console)
         loaded = _load_with_progress(model, console)
         session = new_session(loaded, QJLConfig())
         stats = _prefill_with_progress(session, text, 256, prefill_chunk, console)
@@ -536,46 +756,40 @@ def _render_info(file: str, info: dict) -> str:
     return "\n".join(f"{k:<12} {v}" for k, v in rows)
 
 
-@cache_app.command("load")
+@cache_app.command("load", epilog=_epilog(INTERACTIVE_HELP, EXIT_CODES_HELP))
 def cache_load(
     file: str = typer.Argument(..., show_default=False, help="A .qjl cache file from `qjl cache save`."),
     question: Optional[list[str]] = typer.Option(
         None, "--question", "-q", show_default=False,
-        help="A question to answer (repeat for several). The interactive session is not there yet."),
+        help="A question to answer (repeat for several). None: an interactive session on a terminal, "
+             "else one question per line on stdin."),
     model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
                                         help="The model that saved the file. Default: $QJL_MODEL, else the "
                                              "embedded SmolLM2-135M-Instruct."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens in each answer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per question on stdout."),
+    no_stream: bool = typer.Option(False, "--no-stream",
+                                   help="Print each answer at the end instead of token by token on a terminal."),
 ) -> None:
-    """Answer each --question from the saved cache FILE, one answer after another on stdout."""
+    """Answer questions from the saved cache FILE (no reading of the document), one answer after another."""
     with user_errors():
         questions = [q for q in (question or [])]
-        if not questions:
-            raise typer.BadParameter("give one or more --question (the interactive session has not landed yet)",
-                                     param_hint="'--question'")
         if any(not q.strip() for q in questions):
             raise typer.BadParameter("a question is empty", param_hint="'--question'")
         _inspect_cache(file)
+        interactive = not questions and _is_terminal(sys.stdin)
+        if not questions and not interactive:
+            questions = _stdin_questions()
         console = _stderr_console()
         loaded = _load_with_progress(model, console)
         session = new_session(loaded, QJLConfig())
         stats = _load_cache_with_progress(session, file, max_new_tokens, console)
-        for q in questions:
-            stream = not as_json and _is_terminal(sys.stdout)
-            with _AnswerOutput(console, stream) as output:
-                answer = session.ask(q, max_new_tokens=max_new_tokens, on_text=output.on_text)
-            if as_json:
-                typer.echo(json.dumps(_result(answer, stats, loaded, "qjl", file, q), ensure_ascii=False))
-            elif stream:
-                typer.echo()
-            else:
-                typer.echo(answer.text)
-            if answer.stopped:
-                raise KeyboardInterrupt
-        if not as_json:
-            console.print(_summary(stats, answer, loaded, "qjl"), markup=False, highlight=False, style="dim",
-                          soft_wrap=True)
+        kv = getattr(getattr(session, "config", None), "kv", "qjl")
+        if interactive:
+            _interactive(session, stats, loaded, kv, file, max_new_tokens, console, no_stream)
+            return
+        _answer_all(session, stats, loaded, kv, file, questions, max_new_tokens, console, as_json=as_json,
+                    no_stream=no_stream)
 
 
 def run() -> None:

@@ -97,12 +97,21 @@ class FakeSession:
     def __init__(self, script: FakeScript, loaded: FakeLoaded, config):
         self.script, self.loaded, self.config = script, loaded, config
 
-    def load_document(self, text, max_new_tokens=256, chunk=None, progress=None):
+    def load_document(self, text, max_new_tokens=256, chunk=None, progress=None, truncate=None):
         from qjl.session import QUESTION_RESERVE, DocumentStats, DocumentTooLongError
 
-        self.script.calls["prefill"] = dict(text=text, max_new_tokens=max_new_tokens, chunk=chunk)
+        self.script.calls["prefill"] = dict(text=text, max_new_tokens=max_new_tokens, chunk=chunk, truncate=truncate)
         n = len(text.split()) + self.PROMPT_TOKENS
         limit = self.loaded.context_length - QUESTION_RESERVE - max_new_tokens
+        cut = None
+        if n > limit and truncate:  # words stand for tokens: keep the head, the tail or both ends
+            words, keep = text.split(), limit - self.PROMPT_TOKENS
+            kept = {"head": words[:keep], "tail": words[len(words) - keep:],
+                    "middle": words[:(keep + 1) // 2] + words[len(words) - keep // 2:]}[truncate]
+            self.script.calls["prefill"]["kept"] = " ".join(kept)
+            cut = {"mode": truncate, "document_tokens": n, "kept_tokens": limit, "dropped_tokens": n - limit,
+                   "dropped_chars": len(text) - len(" ".join(kept)), "limit": limit}
+            n = limit
         if n > limit:
             raise DocumentTooLongError(n, limit, self.loaded.context_length)
         self.script.check("prefill")
@@ -111,12 +120,19 @@ class FakeSession:
             progress(n, n)
         fp16 = n * 2 * 30 * 3 * 64 * 2
         bits = 3.0 if self.config.kv == "qjl" else 16.0
-        return DocumentStats(n, 0.5, int(fp16 * bits / 16), bits, fp16)
+        stats = DocumentStats(n, 0.5, int(fp16 * bits / 16), bits, fp16)
+        if cut:
+            stats.extra["truncated"] = cut
+        return stats
+
+    def rollback(self):
+        self.script.calls["rollback"] = self.script.calls.get("rollback", 0) + 1
 
     def ask(self, question, max_new_tokens=256, on_text=None):
         from qjl.session import Answer
 
         self.script.calls["ask"] = dict(question=question, max_new_tokens=max_new_tokens, on_text=on_text)
+        self.script.calls.setdefault("questions", []).append(question)
         self.script.check("ask")
         pieces = self.script.pieces[:max_new_tokens]
         stopped = self.script.interrupt_after is not None

@@ -122,7 +122,7 @@ def test_version_and_help():
         text = " ".join(result.stdout.split())
         assert "Exit codes" in text and "130 interrupted" in text and "6 document too long" in text
     text = invoke("ask", "--help").stdout
-    assert "qjl ask report.txt" in text and "QJL_MODEL" in text and ".gguf" in text
+    assert "qjl ask report.pdf" in text and "--truncate" in text and "QJL_MODEL" in text and ".gguf" in text
 
 
 # --- bad input documents: exit 3 ----------------------------------------------------------------------
