@@ -53,14 +53,14 @@ class QJLConfig:
     # Channels per value group: one fp16 scale and minimum per group. 64 costs 0.5 bits a value number
     # less than KIVI's 32 and measured no worse on SmolLM2.
     value_group: int = 64
-    # --kv turbo: bits per key coordinate. 3, because in the issue's simulation 3-bit keys cost +1.3% perplexity
-    # against +11% for 2 bits, and softmax makes key error the costlier one.
+    # --kv turbo: bits per key coordinate. 3: on SmolLM2 (2,304 tokens, V 2-bit) K3 gave ppl x1.043 at 3.12 bits a
+    # number against x1.144 for K2 at 2.64 (scripts/quality_table.py --preset turbo); softmax amplifies key error.
     turbo_key_bits: int = 3
     # --kv turbo: bits per value coordinate. 2, because value error is averaged by the attention weights and
     # 2 bits keep the cache near 3 bits a number overall (as KIVI's 2-bit values).
     turbo_value_bits: int = 2
-    # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none,
-    # because the residual's extra bit a number measured better spent on a third code bit (issue 3).
+    # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
+    # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).
     turbo_residual_ratio: float = 0.0
     # Seed of the JL projections; the matrices themselves go into cache files, so results never depend on the RNG.
     seed: int = 0
