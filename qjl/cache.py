@@ -36,9 +36,7 @@ def make_codecs(config: QJLConfig, layer_idx: int, head_dim: int):
 
 def shared_seeds(codec) -> dict[str, int]:
     """{name: seed} of the shared matrices a key codec holds."""
-    if hasattr(codec, "shared_seeds"):
-        return codec.shared_seeds()
-    return {"projection": codec.seed}
+    return codec.shared_seeds()
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None, dim: int = 2) -> torch.Tensor | None:

@@ -197,6 +197,10 @@ class QJLKeys:
             kg.scatter_add_(4, idx.unsqueeze(3).expand_as(vals), vals)
         return k
 
+    def shared_seeds(self) -> dict[str, int]:
+        """{name: seed} of the matrices this codec shares with the other layers of its class."""
+        return {"projection": self.seed}
+
     def params(self) -> dict[str, torch.Tensor]:
         """Per-layer tensors that are not per token: counted once and stored in cache files."""
         p = {"projection": self.projection}
