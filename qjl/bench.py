@@ -119,8 +119,8 @@ def quality(model, ids: torch.Tensor, configs: dict[str, QJLConfig], score_from:
 
 @torch.inference_mode()
 def decode_speed(model, context: int, config: QJLConfig, steps: int = 32, vocab_limit: int = 1000,
-                 seed: int = 0) -> dict:
-    """Prefill `context` random tokens, then time `steps` greedy decode steps; ms per token."""
+                 seed: int = 0, prefill_chunk: int | None = None) -> dict:
+    """Prefill `context` random tokens (`prefill_chunk` at a time), then time `steps` greedy decode steps."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     ids = torch.randint(100, vocab_limit, (1, context), generator=gen).to(device)
@@ -128,8 +128,16 @@ def decode_speed(model, context: int, config: QJLConfig, steps: int = 32, vocab_
         cache = DynamicCache(config=model.config)
     else:
         cache = QJLCache(model.config, config)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    chunk = prefill_chunk or context
     t0 = time.perf_counter()
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    for start in range(0, context, chunk):
+        logits = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     if isinstance(cache, QJLCache):
         cache.freeze_document()
@@ -144,5 +152,8 @@ def decode_speed(model, context: int, config: QJLConfig, steps: int = 32, vocab_
     if device.type == "cuda":
         torch.cuda.synchronize()
     ms = 1000 * (time.perf_counter() - t0) / steps
-    return {"kv": config.kv, "context": context, "decode_ms_per_token": ms, "prefill_s": prefill_s,
-            "prefill_tokens_per_s": context / prefill_s}
+    out = {"kv": config.kv, "context": context, "decode_ms_per_token": ms, "prefill_s": prefill_s,
+           "prefill_tokens_per_s": context / prefill_s}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

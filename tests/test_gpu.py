@@ -11,6 +11,7 @@ from qjl.cache import QJLCache
 from qjl.config import QJLConfig
 from qjl.keys import QJLKeys
 from qjl.sketch import jl_projection, unpack_bits
+from qjl.turbo import TurboKeys, TurboValues, rotation, unpack
 from qjl.values import QuantValues
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -40,8 +41,8 @@ def _rel(a, b) -> float:
 
 
 @torch.no_grad()
-def _ask(model, cfg, ids):
-    cache = QJLCache(cfg, QJLConfig())
+def _ask(model, cfg, ids, kv="qjl"):
+    cache = QJLCache(cfg, QJLConfig(kv=kv))
     model(ids[:, :DOC], past_key_values=cache)
     cache.freeze_document()
     first = model(ids[:, DOC:], past_key_values=cache).logits
@@ -51,20 +52,23 @@ def _ask(model, cfg, ids):
     return first, step, again, cache
 
 
+@pytest.mark.parametrize("kv", ["qjl", "turbo"])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 4, 2), (128, 4, 4)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 0.04), (torch.bfloat16, 0.08)])
-def test_model_on_cuda_close_to_cpu_and_exact(head_dim, heads, kv_heads, dtype, bound):
+def test_model_on_cuda_close_to_cpu_and_exact(kv, head_dim, heads, kv_heads, dtype, bound):
     model, cfg = _model(head_dim, heads, kv_heads)
     ids = torch.randint(0, 256, (1, DOC + TAIL), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         exact = model(ids).logits[:, DOC:]
-    cpu, _, _, _ = _ask(model, cfg, ids)  # CPU, fp32
+    cpu, _, _, _ = _ask(model, cfg, ids, kv)  # CPU, fp32
     model = model.to(DEVICE, dtype)
-    gpu, step, again, cache = _ask(model, cfg, ids.to(DEVICE))
+    gpu, step, again, cache = _ask(model, cfg, ids.to(DEVICE), kv)
     layer = cache.layers[0]
     assert gpu.device.type == DEVICE and gpu.dtype == dtype
-    assert layer.key_state["key_signs"].device.type == DEVICE and layer.value_state["value_codes"].device.type == DEVICE
-    assert layer.key_codec.projection.device.type == DEVICE
+    for state in (layer.key_state, layer.value_state):
+        assert state and all(t.device.type == DEVICE for t in state.values())
+    for matrix in layer.key_codec.params().values():
+        assert matrix.device.type == DEVICE
     assert torch.isfinite(gpu).all() and torch.isfinite(step).all()
     assert torch.equal(gpu, again)  # rollback is exact on the GPU too
     # The CPU fp16/bf16 runs of the same model differ from CPU fp32 by 0.009-0.010 (fp16) and 0.024-0.030 (bf16);
@@ -146,3 +150,39 @@ def test_value_codec_on_cuda_equals_cpu(bits):
     ref = codec.weighted_sum(w, s_cpu)
     got = codec.weighted_sum(w.to(DEVICE), {n: t.to(DEVICE) for n, t in s_cpu.items()}).cpu()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("D", [64, 128])
+def test_turbo_codecs_on_cuda_equal_cpu(bits, D):
+    B, H, T, Q = 1, 2, 700, 5
+    gen = torch.Generator().manual_seed(bits * D)
+    k = torch.randn(B, H, T, D, generator=gen) * (1 + 4 * (torch.rand(D, generator=gen) > 0.9))
+    q = torch.randn(B, H, Q, D, generator=gen)
+    cpu = TurboKeys(rotation(D, 7), bits, D, 7)
+    gpu = TurboKeys(rotation(D, 7), bits, D, 7).to(DEVICE)
+    assert torch.equal(gpu.rotation.cpu(), cpu.rotation)  # the same matrix from the seed on either device
+    s_cpu, s_gpu = cpu.encode(k), gpu.encode(k.to(DEVICE))
+    # Codes: identical but for rotated coordinates sitting on a codebook boundary (float32 summation order).
+    same = unpack(s_gpu["key_codes"].cpu(), bits) == unpack(s_cpu["key_codes"], bits)
+    assert same.float().mean() > 0.999
+    torch.testing.assert_close(s_gpu["key_norms"].cpu(), s_cpu["key_norms"], rtol=1e-3, atol=0)
+    # Table scoring of one state on either device, and against dequantise-then-matmul on the GPU.
+    ref = cpu.scores(q, s_cpu)
+    on_gpu = {n: t.to(DEVICE) for n, t in s_cpu.items()}
+    got = gpu.scores(q.to(DEVICE), on_gpu)
+    tol = 1e-4 * ref.abs().max().item()
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=tol)
+    torch.testing.assert_close(got, q.to(DEVICE) @ gpu.decode(on_gpu).transpose(-1, -2), rtol=1e-4, atol=tol)
+    # Values: the weighted sum from codes on either device, and against weights @ dequantised values.
+    v = torch.randn(B, H, T, D, generator=gen)
+    vc = TurboValues(rotation(D, 7), bits, D, 7)
+    vg = TurboValues(rotation(D, 7), bits, D, 7).to(DEVICE)
+    sv = vc.encode(v)
+    w = torch.softmax(3 * torch.randn(B, H, Q, T, generator=gen), -1)
+    ref = vc.weighted_sum(w, sv)
+    svg = {n: t.to(DEVICE) for n, t in sv.items()}
+    got = vg.weighted_sum(w.to(DEVICE), svg)
+    tol = 1e-4 * ref.abs().max().item()
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=tol)
+    torch.testing.assert_close(got, w.to(DEVICE) @ vg.decode(svg), rtol=1e-4, atol=tol)
