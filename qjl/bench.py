@@ -88,7 +88,7 @@ def key_value_bits(cache: QJLCache) -> tuple[float, float]:
             b = t.numel() * t.element_size()
             if name in SHARED_PARAMS:
                 continue
-            if name.startswith("key") or name == "window_keys":
+            if name.startswith("key") or name in ("window_keys", "sink_keys"):
                 kbytes += b
             else:
                 vbytes += b
@@ -157,3 +157,48 @@ def decode_speed(model, context: int, config: QJLConfig, steps: int = 32, vocab_
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+# --- needle in a haystack -------------------------------------------------------------------------
+NEEDLE = "The secret code for the blue vault is {code}."
+NEEDLE_QUESTION = "What is the secret code for the blue vault? Answer with the number only."
+
+
+def needle_document(tokenizer, haystack: str, tokens: int, depth: float, code: str) -> str:
+    """The first `tokens` tokens of `haystack` with the needle sentence put at `depth` (0..1) of the text,
+    at the sentence boundary nearest to it."""
+    ids = tokenizer(haystack[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens]
+    text = tokenizer.decode(ids)
+    at = int(depth * len(text))
+    cut = text.rfind(". ", 0, at)
+    cut = 0 if cut < 0 else cut + 2
+    return text[:cut] + NEEDLE.format(code=code) + " " + text[cut:]
+
+
+def needle(loaded, configs: dict[str, QJLConfig], lengths: list[int], depths: list[float], trials: int = 1,
+           seed: int = 0, chunk: int = 512, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Needle retrieval: one prefill per (length, depth, trial), the same documents for every config.
+
+    A trial succeeds when the greedy answer contains the needle's code. Returns one dict per trial and config.
+    """
+    from .session import Session  # session imports bench's neighbours; keep bench importable on its own
+
+    haystack = essays_text()
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            for trial in range(trials):
+                code = str(int(torch.randint(100000, 999999, (1,), generator=gen)))
+                doc = needle_document(loaded.tokenizer, haystack, length, depth, code)
+                for label, config in configs.items():
+                    session = Session(loaded, config)
+                    stats = session.load_document(doc, max_new_tokens=24, chunk=chunk)
+                    answer = session.ask(NEEDLE_QUESTION, max_new_tokens=24)
+                    row = {"config": label, "length": length, "document_tokens": stats.document_tokens, "depth": depth,
+                           "trial": trial, "code": code, "found": code in answer.text.replace(",", ""),
+                           "answer": answer.text, "bits_per_number": stats.kv_bits_per_number}
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+    return rows

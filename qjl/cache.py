@@ -1,6 +1,8 @@
 """The compressed KV cache: per-layer storage, exact windows, rollback, byte accounting.
 
 A layer holds, in token order:
+  sink        the first `sink_tokens` document tokens, exact: they draw a large share of attention
+              in most heads (attention sinks), so their error is not averaged away;
   compressed  whole groups of document tokens, as key/value codec states;
   window      the most recent document tokens, exact (at most buffer + group - 1 once flushed);
   tail        question and answer tokens, exact, added after the document is frozen.
@@ -23,7 +25,7 @@ from .values import QuantValues
 
 # Per-model matrices a key codec's params() may hold: shared by the layers of a class, counted (and stored)
 # once per seed, never per layer.
-SHARED_PARAMS = ("projection", "rotation")
+SHARED_PARAMS = ("projection", "rotation", "value_rotation")
 COMPRESSED_MODES = ("qjl", "turbo")
 
 
@@ -34,9 +36,15 @@ def make_codecs(config: QJLConfig, layer_idx: int, head_dim: int):
     return QJLKeys.for_layer(config, layer_idx, head_dim), QuantValues.for_layer(config, layer_idx, head_dim)
 
 
-def shared_seeds(codec) -> dict[str, int]:
-    """{name: seed} of the shared matrices a key codec holds."""
-    return codec.shared_seeds()
+def shared_seeds(layer) -> dict[str, int]:
+    """{name: seed} of the per-model matrices a layer's two codecs hold (names are unique across the pair)."""
+    return {**layer.key_codec.shared_seeds(), **layer.value_codec.shared_seeds()}
+
+
+def set_shared(layer, name: str, matrix: torch.Tensor) -> None:
+    """Give the codec that declares `name` among its shared matrices this one (from a cache file)."""
+    codec = layer.key_codec if name in layer.key_codec.shared_seeds() else layer.value_codec
+    codec.set_shared(name, matrix)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None, dim: int = 2) -> torch.Tensor | None:
@@ -73,6 +81,8 @@ class QJLLayer(CacheLayerMixin):
         self.key_state: dict[str, torch.Tensor] | None = None
         self.value_state: dict[str, torch.Tensor] | None = None
         self.n_compressed = 0
+        self.sink_k: torch.Tensor | None = None  # [B, H, <= sink_tokens, D], storage dtype
+        self.sink_v: torch.Tensor | None = None
         self.window_k: torch.Tensor | None = None  # [B, H, n, D], storage dtype
         self.window_v: torch.Tensor | None = None
         self.tail_k: torch.Tensor | None = None  # [B, H, n, D], model dtype
@@ -119,13 +129,14 @@ class QJLLayer(CacheLayerMixin):
 
     # --- what attention reads -------------------------------------------------------------
     def exact_length(self) -> int:
-        n = 0 if self.window_k is None else self.window_k.shape[2]
-        return n + (0 if self.tail_k is None else self.tail_k.shape[2])
+        return sum(0 if t is None else t.shape[2] for t in (self.sink_k, self.window_k, self.tail_k))
 
     def exact_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact part (window then tail) in `dtype`: [B, H, n_exact, D] each."""
-        parts_k = [t for t in (self.window_k, self.tail_k) if t is not None]
-        parts_v = [t for t in (self.window_v, self.tail_v) if t is not None]
+        """The exact part (sink, window, tail) in `dtype`: [B, H, n_exact, D] each, in token order but for the
+        compressed tokens between sink and window, which attention scores apart (order matters only to the
+        causal mask, and that concerns the last tokens alone)."""
+        parts_k = [t for t in (self.sink_k, self.window_k, self.tail_k) if t is not None]
+        parts_v = [t for t in (self.sink_v, self.window_v, self.tail_v) if t is not None]
         k = torch.cat([t.to(dtype) for t in parts_k], dim=2) if len(parts_k) > 1 else parts_k[0].to(dtype)
         v = torch.cat([t.to(dtype) for t in parts_v], dim=2) if len(parts_v) > 1 else parts_v[0].to(dtype)
         return k, v
@@ -137,6 +148,9 @@ class QJLLayer(CacheLayerMixin):
         channel energies steer the choice of outlier channels at the first flush.
         """
         if self.frozen or self.window_k is None:
+            return
+        self._fill_sink()
+        if self.window_k is None:
             return
         G, keep = self.config.group_size, self.config.buffer
         n = self.window_k.shape[2]
@@ -154,6 +168,18 @@ class QJLLayer(CacheLayerMixin):
         self.window_v = self.window_v[:, :, n_flush:].clone()
         self.n_compressed += n_flush
 
+    def _fill_sink(self) -> None:
+        """Move the document's first tokens from the window to the sink until it holds sink_tokens."""
+        have = 0 if self.sink_k is None else self.sink_k.shape[2]
+        take = min(self.config.sink_tokens - have, self.window_k.shape[2])
+        if take <= 0:
+            return
+        self.sink_k = _cat(self.sink_k, self.window_k[:, :, :take].clone())
+        self.sink_v = _cat(self.sink_v, self.window_v[:, :, :take].clone())
+        rest = self.window_k.shape[2] - take
+        self.window_k = self.window_k[:, :, take:].clone() if rest else None
+        self.window_v = self.window_v[:, :, take:].clone() if rest else None
+
     # --- document / tail ------------------------------------------------------------------
     def freeze(self) -> None:
         self.frozen = True
@@ -170,13 +196,18 @@ class QJLLayer(CacheLayerMixin):
             out[name] = t
         for name, t in {**self.key_codec.params(), **self.value_codec.params()}.items():
             out[name] = t
+        if self.sink_k is not None:
+            out["sink_keys"], out["sink_values"] = self.sink_k, self.sink_v
         if self.window_k is not None:
             out["window_keys"], out["window_values"] = self.window_k, self.window_v
+        elif self.sink_k is not None:  # a document no longer than the sink: an empty window, for the file's shapes
+            out["window_keys"], out["window_values"] = self.sink_k[:, :, :0], self.sink_v[:, :, :0]
         return out
 
     def document_nbytes(self, count_projection: bool = True) -> int:
         total = _state_bytes(self.key_state) + _state_bytes(self.value_state)
         total += _tensor_bytes(self.window_k) + _tensor_bytes(self.window_v)
+        total += _tensor_bytes(self.sink_k) + _tensor_bytes(self.sink_v)
         for name, t in {**self.key_codec.params(), **self.value_codec.params()}.items():
             if name not in SHARED_PARAMS or count_projection:
                 total += _tensor_bytes(t)
@@ -186,7 +217,7 @@ class QJLLayer(CacheLayerMixin):
         return _tensor_bytes(self.tail_k) + _tensor_bytes(self.tail_v)
 
     def document_length(self) -> int:
-        return self.n_compressed + (0 if self.window_k is None else self.window_k.shape[2])
+        return self.n_compressed + sum(0 if t is None else t.shape[2] for t in (self.sink_k, self.window_k))
 
 
 def kv_geometry(model_config) -> tuple[int, int, int]:
@@ -231,8 +262,8 @@ class QJLCache(Cache):
         total = sum(layer.document_nbytes(count_projection=False) for layer in self.layers)
         seen = {}
         for layer in self.layers:
-            params = layer.key_codec.params()
-            for name, seed in shared_seeds(layer.key_codec).items():
+            params = {**layer.key_codec.params(), **layer.value_codec.params()}
+            for name, seed in shared_seeds(layer).items():
                 p = params[name]
                 seen[(name, seed, tuple(p.shape))] = _tensor_bytes(p)
         return total + sum(seen.values())

