@@ -152,7 +152,7 @@ class QJLLayer(CacheLayerMixin):
         self._fill_sink()
         if self.window_k is None:
             return
-        G, keep = self.config.group_size, self.config.buffer
+        G, keep = self.config.group_size, self.config.exact_buffer()
         n = self.window_k.shape[2]
         n_flush = (n - keep) // G * G if n - keep >= G else 0
         if n_flush <= 0:

@@ -19,9 +19,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QJLConfig:
-    # "qjl": 1-bit JL keys + integer values; "turbo": rotation + Lloyd-Max codes for both (qjl/turbo.py);
-    # "exact": transformers' ordinary cache, for comparison.
-    kv: str = "qjl"
+    # "turbo": rotation + Lloyd-Max codes for both (qjl/turbo.py), the default: at about 3 bits a number it
+    # measured ppl x1.020-1.023 against x1.058 for "qjl" (BENCHMARKS.md); "qjl": the paper's 1-bit JL keys +
+    # integer values; "exact": transformers' ordinary cache, for comparison.
+    kv: str = "turbo"
     # JL sketch rows per key, as a multiple of head_dim: 2x is the paper's choice, 2 bits a key number in signs.
     sketch_ratio: float = 2.0
     # The paper gives its first layers a larger sketch; on SmolLM2 two early layers at 2x cost 0.13 bits a key
@@ -42,12 +43,15 @@ class QJLConfig:
     outlier_bits: int = 4
     # The document's first tokens, kept exact in 16 bits (attention sinks: most heads put much of their weight
     # on them, so their error is not averaged away). Costs 16 bits a number for these few tokens only.
-    sink_tokens: int = 0
+    # 4 (StreamingLLM's choice): on SmolLM2 one token gives most of the gain (turbo K3/V2: x1.043 -> x1.024).
+    sink_tokens: int = 4
     # Tokens per group: outlier channels are chosen per group, and the buffer flushes whole groups.
     group_size: int = 32
-    # Most recent tokens kept exact in 16 bits. 64 rather than the paper's 128: at 4k tokens each 64 exact
-    # tokens cost 0.25 bits a number, and the question and answer tokens are exact anyway.
-    buffer: int = 64
+    # Most recent document tokens kept exact in 16 bits (the window holds buffer to buffer + group_size - 1 of
+    # them). None: 64 for qjl, rather than the paper's 128 (at 4k tokens each 64 exact tokens cost 0.25 bits a
+    # number, and the question and answer tokens are exact anyway); 0 for turbo, whose codes are good enough
+    # that the window's bits are better spent elsewhere (buffer 32: x1.018 at 3.07 bits; 0: x1.020 at 2.98).
+    buffer: int | None = None
     # Subtract each head's mean key (computed once, from the first flushed group onward, kept exactly) before
     # sketching: keys share a large common direction that otherwise dominates ||k|| and so the estimator's noise.
     center_keys: bool = False  # measured: centring raised perplexity (BENCHMARKS.md), so it is off
@@ -58,17 +62,18 @@ class QJLConfig:
     value_group: int = 64
     # --kv turbo: bits per key coordinate. 3: on SmolLM2 (2,304 tokens, V 2-bit) K3 gave ppl x1.043 at 3.12 bits a
     # number against x1.144 for K2 at 2.64 (scripts/quality_table.py --preset turbo); softmax amplifies key error.
-    turbo_key_bits: int = 3
+    turbo_key_bits: float = 3
     # --kv turbo: bits per value coordinate. 2, because value error is averaged by the attention weights and
     # 2 bits keep the cache near 3 bits a number overall (as KIVI's 2-bit values).
-    turbo_value_bits: int = 2
+    turbo_value_bits: float = 2
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
     # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).
     turbo_residual_ratio: float = 0.0
     # --kv turbo: key channels kept apart from the rotation, as a fraction of head_dim (rounded to a multiple of 8,
     # so the rotated rest packs into whole bytes), chosen per KV head by q^2 k^2 and stored with outlier_bits over
     # group_size tokens like the QJL mode's outliers. The rotation and codes then cover the other channels.
-    turbo_outlier_fraction: float = 0.0
+    # 1/8 with K3: x1.020 at 2.98 bits against x1.027 at 2.95 bits with none, and K3 on all channels costs more.
+    turbo_outlier_fraction: float = 0.125
     # Seed of the JL projections; the matrices themselves go into cache files, so results never depend on the RNG.
     seed: int = 0
 
@@ -77,7 +82,7 @@ class QJLConfig:
             raise ConfigError(f"unknown --kv mode {self.kv!r}; choose one of {', '.join(KV_MODES)}")
         if self.value_bits not in (2, 4, 8):
             raise ConfigError(f"value_bits must be 2, 4 or 8, not {self.value_bits}")
-        if self.turbo_key_bits not in (1, 2, 3, 4) or self.turbo_value_bits not in (1, 2, 3, 4):
+        if not (1 <= self.turbo_key_bits <= 4 and 1 <= self.turbo_value_bits <= 4):
             raise ConfigError(f"turbo_key_bits and turbo_value_bits must be 1 to 4, not "
                               f"{self.turbo_key_bits} and {self.turbo_value_bits}")
         if not 0 <= self.turbo_outlier_fraction < 1:
@@ -86,7 +91,7 @@ class QJLConfig:
             raise ConfigError("turbo_residual_ratio must be >= 0")
         if self.sink_tokens < 0:
             raise ConfigError("sink_tokens must be >= 0")
-        if self.group_size < 1 or self.buffer < 0:
+        if self.group_size < 1 or (self.buffer is not None and self.buffer < 0):
             raise ConfigError("group_size must be >= 1 and buffer >= 0")
         if self.sketch_ratio <= 0 or self.early_sketch_factor < 1 or self.early_layers < 0:
             raise ConfigError("sketch_ratio must be > 0, early_sketch_factor >= 1, early_layers >= 0")
@@ -94,8 +99,8 @@ class QJLConfig:
             raise ConfigError("outlier_fraction must be in [0, 1)")
         if self.outlier_scope not in ("group", "head"):
             raise ConfigError(f"outlier_scope must be 'group' or 'head', not {self.outlier_scope!r}")
-        if self.outlier_bits not in (4, 8, 16):
-            raise ConfigError(f"outlier_bits must be 4, 8 or 16, not {self.outlier_bits}")
+        if self.outlier_bits not in (2, 4, 8, 16):
+            raise ConfigError(f"outlier_bits must be 2, 4, 8 or 16, not {self.outlier_bits}")
         if self.outlier_bits < 16 and self.group_size * self.outlier_bits % 8:
             raise ConfigError(f"group_size {self.group_size} of {self.outlier_bits}-bit outliers does not fill whole "
                               f"bytes; use a multiple of {8 // self.outlier_bits}")
@@ -105,6 +110,12 @@ class QJLConfig:
             raise ConfigError("value_group must be >= 1")
 
     # --- derived sizes, per layer -------------------------------------------------------
+    def exact_buffer(self) -> int:
+        """Most recent document tokens kept exact: `buffer`, or the mode's default when it is None."""
+        if self.buffer is not None:
+            return self.buffer
+        return 0 if self.kv == "turbo" else 64
+
     def sketch_dim(self, layer_idx: int, head_dim: int) -> int:
         """Sketch rows m for a layer, a multiple of 8 so signs pack into whole bytes."""
         m = self.sketch_ratio * head_dim

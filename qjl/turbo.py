@@ -15,6 +15,7 @@ Values: sum_t w_t v_t = (sum_t w_t ||v_t|| y_hat_t) R, the rotation applied once
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -171,50 +172,89 @@ def table_dots(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 # --- the codecs ---------------------------------------------------------------------------------
+def split_bits(bits: float, dim: int) -> list[tuple[int, int, int]]:
+    """Fractional bits as parts of the rotated coordinates: [(bits, start, end)], the first part floor(bits),
+    the last (a multiple of 8 coordinates) one bit more, so that the mean is about `bits`. After a random
+    rotation the coordinates are alike, so which ones get the extra bit does not matter."""
+    lo = int(math.floor(bits + 1e-9))
+    n_hi = 0 if lo >= 4 else int(round((bits - lo) * dim / 8)) * 8
+    if lo not in TURBO_BITS:
+        raise ValueError(f"turbo codes have 1 to 4 bits, not {bits}")
+    if n_hi >= dim:
+        return [(lo + 1, 0, dim)]
+    return [(lo, 0, dim - n_hi)] + ([(lo + 1, dim - n_hi, dim)] if n_hi else [])
+
+
+def _part_names(base: str, parts) -> list[str]:
+    """State names of the code parts: base, then base + "_hi" for the coordinates with one bit more."""
+    return [base] + [base + "_hi"] * (len(parts) - 1)
+
+
 class _Rotated:
-    """What keys and values share: the rotation, the codebook, encode to (codes, scales), decode.
+    """What keys and values share: the rotation, the codebooks, encode to (codes, scales), decode.
 
     `dim` is the number of coordinates coded: head_dim, less the outlier channels a key codec keeps apart.
+    `bits` may be fractional (2.25: a quarter of the coordinates at 3 bits, the rest at 2; split_bits).
     """
 
-    def __init__(self, rotation: torch.Tensor, bits: int, dim: int, rotation_seed: int):
-        if bits not in TURBO_BITS:
-            raise ValueError(f"turbo codes have 1 to 4 bits, not {bits}")
+    def __init__(self, rotation: torch.Tensor, bits: float, dim: int, rotation_seed: int):
         if dim % 8 or dim < 8:
             raise ValueError(f"{dim} coded coordinates is not a multiple of 8")
         if tuple(rotation.shape) != (dim, dim):
             raise ValueError(f"rotation of shape {tuple(rotation.shape)} for {dim} coordinates")
+        if not 1 <= bits <= 4:
+            raise ValueError(f"turbo codes have 1 to 4 bits, not {bits}")
         self.rotation = rotation  # R: [dim, dim] float32, y = x @ R.T
         self.bits = bits
+        self.parts = split_bits(bits, dim)
         self.dim = dim
         self.rotation_seed = rotation_seed
 
-    def _codebook(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return _codebook_on(self.bits, self.dim, str(torch.device(device)))
+    def _codebook(self, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return _codebook_on(bits, self.dim, str(torch.device(device)))
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, H, T, dim] float32 -> (packed codes, fp16 scales, x_hat float32 as stored)."""
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """x: [B, H, T, dim] float32 -> (packed codes of each part, fp16 scales, x_hat float32 as stored)."""
         R = self.rotation.to(x.device)
         norms = x.norm(dim=-1)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
         y = (x / safe.unsqueeze(-1)) @ R.T
-        centroids, bounds = self._codebook(x.device)
-        codes = torch.bucketize(y, bounds)
-        y_hat = centroids[codes]
+        packed, y_hat = [], []
+        for bits, a, b in self.parts:
+            centroids, bounds = self._codebook(bits, x.device)
+            codes = torch.bucketize(y[..., a:b].contiguous(), bounds)
+            y_hat.append(centroids[codes])
+            packed.append(pack(codes.to(torch.uint8), bits))
+        y_hat = torch.cat(y_hat, dim=-1) if len(y_hat) > 1 else y_hat[0]
         # Stored scale: ||x|| times the least-squares fit <y, y_hat> / ||y_hat||^2 of the codes to the unit vector,
         # rather than ||x||: the same 16 bits, a smaller error (K3/V2 on SmolLM2: ppl x1.043 -> x1.028).
         fit = (y_hat * y).sum(-1) / (y_hat * y_hat).sum(-1).clamp_min(1e-30)
         norms16 = (norms * fit).to(torch.float16)
         x_hat = (y_hat @ R) * norms16.float().unsqueeze(-1)
-        return pack(codes.to(torch.uint8), self.bits), norms16, x_hat
+        return packed, norms16, x_hat
 
-    def _decode(self, packed: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        centroids, _ = self._codebook(packed.device)
-        y = _centroid_values(packed, self.bits, centroids)
-        return (y @ self.rotation.to(packed.device)) * norms.float().unsqueeze(-1)
+    def _unit(self, packed: list[torch.Tensor]) -> torch.Tensor:
+        """The centroids of every part's codes, concatenated: y_hat [..., dim] float32."""
+        ys = [_centroid_values(p, bits, self._codebook(bits, p.device)[0]) for p, (bits, _, _) in zip(packed, self.parts)]
+        return torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+
+    def _decode(self, packed: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
+        return (self._unit(packed) @ self.rotation.to(norms.device)) * norms.float().unsqueeze(-1)
 
     def _move(self, device) -> None:
         self.rotation = rotation_on(self.dim, self.rotation_seed, str(torch.device(device)))
+
+
+def _part_dots(qr: torch.Tensor, packed: torch.Tensor, bits: int, centroids: torch.Tensor) -> torch.Tensor:
+    """sum_j qr_j * centroid(code_j) for every query and key of one code part: [B, H, Q, T]."""
+    B, H, Q, D = qr.shape
+    qc = qr.unsqueeze(-1) * centroids  # [B, H, Q, D, 2^b]
+    if bits == 3:
+        return table_dots(qc, unpack(packed, 3))
+    per = 8 // bits
+    # table[..., i, byte] = sum_s qc[..., i*per + s, code s of byte]: one matmul with a 0/1 matrix
+    table = qc.reshape(B, H, Q, D // per, -1) @ _byte_onehot(bits, str(qr.device))
+    return table_dots(table, packed)  # [B, H, Q, D/per, 256] summed by the packed bytes
 
 
 def _seeds(config) -> tuple[int, int, int]:
@@ -295,7 +335,8 @@ class TurboKeys(_Rotated):
             state.update(self.channels.encode(k.gather(3, self.head_outliers.unsqueeze(2).expand(B, H, T, -1))))
             k = k.gather(3, self.rest.unsqueeze(2).expand(B, H, T, -1))
         packed, norms, k_hat = self._encode(k)
-        state.update({"key_codes": packed, "key_norms": norms})
+        state.update(zip(_part_names("key_codes", self.parts), packed))
+        state["key_norms"] = norms
         if self.projection is not None:
             res = k - k_hat
             state["key_residual_signs"] = pack_bits((res @ self.projection.to(k.device).T) > 0)
@@ -310,18 +351,11 @@ class TurboKeys(_Rotated):
         if self.outliers:
             extra = self.channels.scores(q.gather(3, self.head_outliers.unsqueeze(2).expand(B, H, Q, -1)), state)
             q = q.gather(3, self.rest.unsqueeze(2).expand(B, H, Q, -1))
-        D = self.dim
         qr = q @ self.rotation.T  # the query, rotated once
-        centroids, _ = self._codebook(q.device)
-        qc = qr.unsqueeze(-1) * centroids  # [B, H, Q, D, 2^b]
-        packed = state["key_codes"]
-        if self.bits == 3:
-            dots = table_dots(qc, unpack(packed, 3))
-        else:
-            per = 8 // self.bits
-            # table[..., i, byte] = sum_s qc[..., i*per + s, code s of byte]: one matmul with a 0/1 matrix
-            table = qc.reshape(B, H, Q, D // per, -1) @ _byte_onehot(self.bits, str(q.device))
-            dots = table_dots(table, packed)  # [B, H, Q, D/per, 256] summed by the packed bytes
+        dots = None
+        for name, (bits, a, b) in zip(_part_names("key_codes", self.parts), self.parts):
+            part = _part_dots(qr[..., a:b], state[name], bits, self._codebook(bits, q.device)[0])
+            dots = part if dots is None else dots + part
         logits = dots * state["key_norms"].float().unsqueeze(2)
         if self.projection is not None:
             res = table_dots(byte_sign_table(q @ self.projection.T), state["key_residual_signs"])
@@ -330,7 +364,7 @@ class TurboKeys(_Rotated):
 
     def decode(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """k_hat [B, H, T, D] float32 (without the residual, which is not invertible): the tests' reference."""
-        rest = self._decode(state["key_codes"], state["key_norms"])
+        rest = self._decode([state[n] for n in _part_names("key_codes", self.parts)], state["key_norms"])
         if not self.outliers:
             return rest
         B, H, T, _ = rest.shape
@@ -370,22 +404,22 @@ class TurboValues(_Rotated):
 
     def encode(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, norms, _ = self._encode(v.float())
-        return {"value_codes": packed, "value_norms": norms}
+        return {**dict(zip(_part_names("value_codes", self.parts), packed)), "value_norms": norms}
 
     def decode(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """Dequantised values [B, H, T, D] float32: the reference for tests, never used by attention."""
-        return self._decode(state["value_codes"], state["value_norms"])
+        return self._decode([state[n] for n in _part_names("value_codes", self.parts)], state["value_norms"])
 
     def weighted_sum(self, w: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """w: [B, H, Q, T] -> sum_t w_t v_t = (sum_t w_t ||v_t|| y_hat_t) R: [B, H, Q, D] float32."""
         w = w.float()
         B, H, Q, T = w.shape
-        centroids, _ = self._codebook(w.device)
         wn = w * state["value_norms"].float().unsqueeze(2)  # [B, H, Q, T]
+        names = _part_names("value_codes", self.parts)
         out = torch.zeros(B, H, Q, self.dim, device=w.device)
         for start in range(0, T, _BLOCK):
             end = min(T, start + _BLOCK)
-            y = _centroid_values(state["value_codes"][:, :, start:end], self.bits, centroids)  # [B, H, t, D]
+            y = self._unit([state[n][:, :, start:end] for n in names])  # [B, H, t, D]
             out += wn[..., start:end] @ y
         return out @ self.rotation
 

@@ -275,8 +275,9 @@ def ask(
         None, "--model", "-m", show_default=False,
         help="Model: a Hugging Face id (org/name), a local model folder or a .gguf file. "
              "Default: $QJL_MODEL, else the embedded SmolLM2-135M-Instruct."),
-    kv: KVMode = typer.Option(KVMode.qjl, "--kv",
-                              help="KV cache: qjl (compressed), turbo, or exact (uncompressed, to compare)."),
+    kv: KVMode = typer.Option(KVMode.turbo, "--kv",
+                              help="KV cache: turbo (rotation + Lloyd-Max codes, about 3 bits a number), qjl (the "
+                                   "paper's 1-bit JL keys), or exact (uncompressed, to compare)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens in an answer."),
     prefill_chunk: Optional[int] = typer.Option(
         None, "--prefill-chunk", min=1, metavar="N", show_default=False,
@@ -694,6 +695,7 @@ def cache_save(
         help="Read the document N tokens at a time (less peak memory). Default: all at once."),
     password: Optional[str] = typer.Option(None, "--password", envvar="QJL_PDF_PASSWORD", show_default=False,
                                            help="Password of an encrypted PDF (or set QJL_PDF_PASSWORD)."),
+    kv: KVMode = typer.Option(KVMode.turbo, "--kv", help="Compressed cache to save: turbo or qjl."),
 ) -> None:
     """Read the document FILE once and save its compressed cache to FILE.qjl; progress and sizes on stderr."""
     with user_errors():
@@ -702,8 +704,10 @@ def cache_save(
                                      param_hint="'--output'")
         console = _stderr_console()
         text, name = _read_with_progress([file], password, console)
+        if kv is KVMode.exact:
+            raise typer.BadParameter("a cache file holds a compressed cache: --kv turbo or qjl", param_hint="'--kv'")
         loaded = _load_with_progress(model, console)
-        session = new_session(loaded, QJLConfig())
+        session = new_session(loaded, QJLConfig(kv=kv.value))
         stats = _prefill_with_progress(session, text, 256, prefill_chunk, console)
         from qjl.store import describe_source
 

@@ -22,8 +22,11 @@ from qjl.bench import essays_text, exact_logprobs, quality
 from qjl.config import QJLConfig
 from qjl.models import load_model
 
-PAPER = QJLConfig(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
+QJL = QJLConfig(kv="qjl", sink_tokens=0)  # the QJL mode as measured before sink tokens existed
+PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
+TURBO0 = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_outlier_fraction=0.0, sink_tokens=0,
+                   buffer=64)  # turbo as first built (least-squares scales aside)
 HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8, query_aware_outliers=False)
 
 PRESETS = {
@@ -36,28 +39,43 @@ PRESETS = {
         "paper, outliers per head": PAPER.replace(outlier_scope="head", query_aware_outliers=False),
         "8 fp16 outliers per head": HEAD8,
         "8 4-bit outliers per head": HEAD8.replace(outlier_bits=4),
-        "default: 8 4-bit outliers/head by q^2k^2, no early layers, V g64, buffer 64": QJLConfig(),
-        "default, outliers by k^2 only": QJLConfig(query_aware_outliers=False),
-        "16 4-bit outliers/head, m=1.5d, V g64, buffer 64": QJLConfig(outlier_fraction=1 / 4, sketch_ratio=1.5),
-        "default, buffer 96": QJLConfig(buffer=96),
+        "qjl: 8 4-bit outliers/head by q^2k^2, no early layers, V g64, buffer 64": QJL,
+        "qjl, outliers by k^2 only": QJL.replace(query_aware_outliers=False),
+        "16 4-bit outliers/head, m=1.5d, V g64, buffer 64": QJL.replace(outlier_fraction=1 / 4, sketch_ratio=1.5),
+        "qjl, buffer 96": QJL.replace(buffer=96),
     },
     # Where the default's loss comes from: remove one source of error at a time.
     "ablate": {
-        "default": QJLConfig(),
-        "default, 8-bit V": QJLConfig(value_bits=8),
-        "default, m=8d": QJLConfig(sketch_ratio=8.0),
-        "default, V g32": QJLConfig(value_group=32),
-        "default, buffer 128": QJLConfig(buffer=128),
-        "default, 2 early layers": QJLConfig(early_layers=2),
+        "qjl": QJL,
+        "qjl, 8-bit V": QJL.replace(value_bits=8),
+        "qjl, m=8d": QJL.replace(sketch_ratio=8.0),
+        "qjl, V g32": QJL.replace(value_group=32),
+        "qjl, buffer 128": QJL.replace(buffer=128),
+        "qjl, 2 early layers": QJL.replace(early_layers=2),
     },
-    # --kv turbo (qjl/turbo.py): b bits a coordinate + an fp16 norm a vector; "+r1" adds a 1-bit QJL sketch
-    # of the key residual with m = d rows (+ its fp16 norm). Buffer 64 exact tokens, as the default.
+    # --kv turbo (qjl/turbo.py) as first built: b bits a coordinate + an fp16 norm a vector; "+r1" adds a 1-bit QJL
+    # sketch of the key residual with m = d rows (+ its fp16 norm). Buffer 64, no sink, no channels apart.
     "turbo": {
-        "turbo K3/V2": QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2),
-        "turbo K2/V2": QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2),
-        "turbo K2+r1 (m=d)/V2": QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2, turbo_residual_ratio=1.0),
-        "turbo K3/V3": QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=3),
-        "turbo K4/V2": QJLConfig(kv="turbo", turbo_key_bits=4, turbo_value_bits=2),
+        "turbo K3/V2": TURBO0,
+        "turbo K2/V2": TURBO0.replace(turbo_key_bits=2),
+        "turbo K2+r1 (m=d)/V2": TURBO0.replace(turbo_key_bits=2, turbo_residual_ratio=1.0),
+        "turbo K3/V3": TURBO0.replace(turbo_value_bits=3),
+        "turbo K4/V2": TURBO0.replace(turbo_key_bits=4),
+    },
+    # The defaults of both modes and what each part of the turbo default buys (BENCHMARKS.md).
+    "final": {
+        "turbo default: K3 + 8 channels apart, V2, 4 sink tokens, buffer 0": QJLConfig(),
+        "turbo default, no sink": QJLConfig(sink_tokens=0),
+        "turbo default, no channels apart": QJLConfig(turbo_outlier_fraction=0.0),
+        "turbo default, buffer 32": QJLConfig(buffer=32),
+        "turbo default, V2.25": QJLConfig(turbo_value_bits=2.25),
+        "turbo default, V3": QJLConfig(turbo_value_bits=3),
+        "turbo default, K4": QJLConfig(turbo_key_bits=4),
+        "turbo K2 + 16 channels apart, V2": QJLConfig(turbo_key_bits=2, turbo_outlier_fraction=0.25),
+        "turbo as first built: K3/V2, buffer 64": TURBO0,
+        "qjl default: as the table's, + 4 sink tokens": QJLConfig(kv="qjl"),
+        "qjl, no sink": QJL,
+        "paper: m=2d (4d in 2 early layers), 4 fp16 outliers/group, V 2-bit g32, buffer 128": PAPER,
     },
 }
 
@@ -70,19 +88,25 @@ def main() -> int:
     p.add_argument("--preset", default="table", choices=sorted(PRESETS))
     p.add_argument("--only", nargs="*", help="labels (substrings) to run")
     p.add_argument("--model", default=None)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="model dtype (default: float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     args = p.parse_args()
 
     torch.set_grad_enabled(False)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
     ids = loaded.tokenizer(essays_text(), return_tensors="pt", add_special_tokens=False)["input_ids"][:, :args.tokens]
+    ids = ids.to(next(loaded.model.parameters()).device)
     configs = PRESETS[args.preset]
     if args.only:
         configs = {k: v for k, v in configs.items() if any(s in k for s in args.only)}
     t0 = time.perf_counter()
     ref = exact_logprobs(loaded.model, ids)
-    print(f"# {loaded.name}, {ids.shape[1]} tokens of essays, scored from {args.score_from}, chunk {args.chunk}, "
-          f"{platform.machine()} {torch.get_num_threads()} threads, exact pass {time.perf_counter() - t0:.1f}s",
+    dev = next(loaded.model.parameters()).device
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"{platform.machine()} {torch.get_num_threads()} threads")
+    print(f"# {loaded.name} ({next(loaded.model.parameters()).dtype}), {ids.shape[1]} tokens of essays, scored from "
+          f"{args.score_from}, chunk {args.chunk}, {where}, exact pass {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     print("| setting | bits/number | key bits | value bits | ppl ratio | KL (nats) | top-1 agree |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -119,7 +119,7 @@ class FakeSession:
             progress(n // 2, n)
             progress(n, n)
         fp16 = n * 2 * 30 * 3 * 64 * 2
-        bits = 3.0 if self.config.kv == "qjl" else 16.0
+        bits = 16.0 if self.config.kv == "exact" else 3.0
         stats = DocumentStats(n, 0.5, int(fp16 * bits / 16), bits, fp16)
         if cut:
             stats.extra["truncated"] = cut

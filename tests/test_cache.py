@@ -15,6 +15,8 @@ from qjl.cache import QJLCache
 from qjl.config import QJLConfig
 
 DOC, TAIL = 600, 20
+# The QJL mode as these tests were written for: no sink tokens (tested on their own below).
+QJL = QJLConfig(kv="qjl", sink_tokens=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,11 +77,11 @@ def test_tail_logits_close_to_exact(head_dim, heads, kv_heads):
         # Baseline: the same tail after a different random document, i.e. a cache that carries no information
         # about the document. Measured 0.57-0.81 relative error.
         unrelated = model(torch.cat([_ids(DOC, seed=2), ids[:, DOC:]], 1)).logits[:, DOC:]
-    qjl, cache = _ask(model, cfg, ids, QJLConfig())
+    qjl, cache = _ask(model, cfg, ids, QJL)
     assert cache.layers[0].n_compressed == 512 and cache.get_seq_length() == DOC + TAIL
-    crude, _ = _ask(model, cfg, ids, QJLConfig(sketch_ratio=0.25))  # a sketch 8x smaller
-    keys_only, _ = _ask(model, cfg, ids, QJLConfig(value_bits=8))  # near-exact values: the key codec's own error
-    keys_only_crude, _ = _ask(model, cfg, ids, QJLConfig(value_bits=8, sketch_ratio=0.25))
+    crude, _ = _ask(model, cfg, ids, QJL.replace(sketch_ratio=0.25))  # a sketch 8x smaller
+    keys_only, _ = _ask(model, cfg, ids, QJL.replace(value_bits=8))  # near-exact values: the key codec's own error
+    keys_only_crude, _ = _ask(model, cfg, ids, QJL.replace(value_bits=8, sketch_ratio=0.25))
     err, err_last = _rel(qjl, exact), _rel(qjl[:, -1], exact[:, -1])
     # Tolerances, from measurements on these four models (seeded, so deterministic):
     # - default config (2-bit values, 2d sketch, 4-bit head outliers): relative L2 error 0.105-0.125, top-1 agrees
@@ -103,8 +105,8 @@ def test_decoding_one_token_at_a_time_equals_one_chunk(head_dim, heads, kv_heads
     # computes the same attention; only float32 summation order differs.
     model, cfg = _model(head_dim, heads, kv_heads)
     ids = _ids(DOC + 8, seed=3)
-    chunk, _ = _ask(model, cfg, ids, QJLConfig())
-    steps, _ = _ask(model, cfg, ids, QJLConfig(), one_by_one=True)
+    chunk, _ = _ask(model, cfg, ids, QJL)
+    steps, _ = _ask(model, cfg, ids, QJL, one_by_one=True)
     torch.testing.assert_close(steps, chunk, rtol=0, atol=1e-5)
 
 
@@ -117,7 +119,7 @@ def test_chunked_prefill_close_to_exact():
     with torch.no_grad():
         exact = model(ids).logits[:, DOC:]
         unrelated = model(torch.cat([_ids(DOC, seed=2), ids[:, DOC:]], 1)).logits[:, DOC:]
-    chunked, cache = _ask(model, cfg, ids, QJLConfig(), chunks=3)
+    chunked, cache = _ask(model, cfg, ids, QJL, chunks=3)
     assert cache.document_tokens == DOC
     err = _rel(chunked, exact)
     assert err < 0.3 and err < 0.4 * _rel(unrelated, exact), err
@@ -129,12 +131,12 @@ def test_batch_of_documents_equals_each_alone():
     model, cfg = _model(64, 4, 2)
     ids = torch.cat([_ids(300, seed=1), _ids(300, seed=2)])
     with torch.no_grad():
-        cache = QJLCache(cfg, QJLConfig())
+        cache = QJLCache(cfg, QJL)
         model(ids[:, :280], past_key_values=cache)
         cache.freeze_document()
         both = model(ids[:, 280:], past_key_values=cache).logits
         for b in range(2):
-            alone = QJLCache(cfg, QJLConfig())
+            alone = QJLCache(cfg, QJL)
             model(ids[b:b + 1, :280], past_key_values=alone)
             alone.freeze_document()
             torch.testing.assert_close(model(ids[b:b + 1, 280:], past_key_values=alone).logits, both[b:b + 1],
@@ -153,7 +155,7 @@ def test_compressed_attention_matches_reference(heads, kv_heads, L):
 
     D, B, scaling = 64, 1, 0.125
     gen = torch.Generator().manual_seed(heads * 10 + L)
-    layer = QJLLayer(QJLConfig(), 0, D, kv_heads)
+    layer = QJLLayer(QJL, 0, D, kv_heads)
     k_doc, v_doc = torch.randn(B, kv_heads, 200, D, generator=gen) * 2, torch.randn(B, kv_heads, 200, D, generator=gen)
     layer.update(k_doc, v_doc)
     layer.compress_excess()
@@ -210,7 +212,7 @@ AttentionInterface.register("qjl_test_fp16_document", _fp16_document_attention)
 def test_uncompressed_cache_is_exact(head_dim, heads, kv_heads):
     model, cfg = _model(head_dim, heads, kv_heads)
     ids = _ids(DOC + TAIL)
-    logits, cache = _ask(model, cfg, ids, QJLConfig(buffer=1024))  # buffer >= document: nothing compressed
+    logits, cache = _ask(model, cfg, ids, QJL.replace(buffer=1024))  # buffer >= document: nothing compressed
     assert all(layer.n_compressed == 0 for layer in cache.layers)
     assert cache.layers[0].window_k.dtype == torch.float16  # fp32 model, 16-bit document storage
     with torch.no_grad():
@@ -245,7 +247,7 @@ def test_sink_holds_the_first_tokens_exactly(kv, chunks):
             assert mine.dtype == torch.float16
             torch.testing.assert_close(mine.float(), theirs[:, :, :4], rtol=3e-3, atol=3e-3)
         assert layer.document_length() == DOC and layer.n_compressed % config.group_size == 0
-        assert layer.n_compressed == (DOC - 4 - config.buffer) // config.group_size * config.group_size
+        assert layer.n_compressed == (DOC - 4 - config.exact_buffer()) // config.group_size * config.group_size
     # the sink is counted, in 16 bits: in the file's tensors and in the byte total, which are summed apart
     H, D = cfg.num_key_value_heads, cfg.head_dim
     for layer in cache.layers:
@@ -262,7 +264,7 @@ def test_sink_makes_the_compressed_cache_closer_to_exact():
     ids = _ids(DOC + TAIL)
     with torch.no_grad():
         exact = model(ids).logits[:, DOC:]
-    plain = _ask(model, cfg, ids, QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2))[0]
+    plain = _ask(model, cfg, ids, QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2, sink_tokens=0))[0]
     sunk = _ask(model, cfg, ids, QJLConfig(kv="turbo", turbo_key_bits=2, turbo_value_bits=2, sink_tokens=4))[0]
     assert _rel(sunk, exact) < _rel(plain, exact)
 
@@ -270,7 +272,7 @@ def test_sink_makes_the_compressed_cache_closer_to_exact():
 def test_a_document_shorter_than_the_sink():
     model, cfg = _model()
     ids = _ids(30)
-    cache = QJLCache(cfg, QJLConfig(sink_tokens=8))
+    cache = QJLCache(cfg, QJLConfig(kv="qjl", sink_tokens=8))
     with torch.no_grad():
         model(ids[:, :3], past_key_values=cache)
         cache.freeze_document()
@@ -296,7 +298,7 @@ def _assert_same(cache, snapshot):
             assert now[name].dtype == t.dtype and torch.equal(now[name], t), (layer.layer_idx, name)
 
 
-@pytest.mark.parametrize("qjl_config", [QJLConfig(), QJLConfig(outlier_scope="group", outlier_bits=16,
+@pytest.mark.parametrize("qjl_config", [QJL, QJL.replace(outlier_scope="group", outlier_bits=16,
                                                                center_keys=True)])
 def test_rollback_restores_the_document_exactly(qjl_config):
     model, cfg = _model(64, 4, 2)
@@ -370,11 +372,11 @@ def _hand_count(cfg_kind, T=200, H=2, D=64, layers=1, early_layers=0):
 def test_document_bytes_by_hand(kind, layers, early):
     T, H, D = 200, 2, 64
     if kind == "group":
-        qc = QJLConfig(outlier_scope="group", outlier_bits=16, center_keys=True, value_bits=2, value_group=32,
+        qc = QJL.replace(outlier_scope="group", outlier_bits=16, center_keys=True, value_bits=2, value_group=32,
                        group_size=32, buffer=64, sketch_ratio=2.0, outlier_fraction=1 / 8, early_layers=early)
     else:
-        qc = QJLConfig(early_layers=early)
-        assert (qc.outlier_scope, qc.outlier_bits, qc.value_bits, qc.value_group, qc.group_size, qc.buffer,
+        qc = QJL.replace(early_layers=early)
+        assert (qc.outlier_scope, qc.outlier_bits, qc.value_bits, qc.value_group, qc.group_size, qc.exact_buffer(),
                 qc.sketch_ratio, qc.outlier_fraction, qc.center_keys) == ("head", 4, 2, 64, 32, 64, 2.0, 1 / 8, False)
     model, cfg = _model(D, 4, H, layers=layers)
     cache = QJLCache(cfg, qc)
@@ -408,7 +410,7 @@ def _cpu_supports(dtype) -> bool:
 @torch.no_grad()
 def _prefill_and_decode(model, cfg, ids, n_doc):
     """Prefill n_doc tokens, then 3 single-token steps and a chunk of 5: logits of the 8 tail positions."""
-    cache = QJLCache(cfg, QJLConfig())
+    cache = QJLCache(cfg, QJL)
     model(ids[:, :n_doc], past_key_values=cache)
     cache.freeze_document()
     steps = [model(ids[:, n_doc + i:n_doc + i + 1], past_key_values=cache).logits for i in range(3)]

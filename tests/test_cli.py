@@ -73,7 +73,7 @@ def test_json_is_one_object_and_nothing_else(fake_model, doc):
     data = json.loads(result.stdout)  # the whole of stdout parses: nothing else was printed there
     assert JSON_FIELDS <= set(data)
     assert data["answer"] == "The general manager is Ana Ruiz."
-    assert data["model"] == "fake-model" and data["kv"] == "qjl"
+    assert data["model"] == "fake-model" and data["kv"] == "turbo"
     assert data["prompt_tokens"] == data["document_tokens"] + data["question_tokens"] > data["document_tokens"]
     assert data["generated_tokens"] == 6 and data["bits_per_number"] == 3.0
     assert result.stderr == ""
@@ -297,7 +297,7 @@ def test_end_to_end_json_with_the_embedded_model(embedded_home, tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     data = json.loads(result.stdout)
     assert JSON_FIELDS <= set(data)
-    assert "SmolLM2" in data["model"] and data["kv"] == "qjl"
+    assert "SmolLM2" in data["model"] and data["kv"] == "turbo"
     assert 100 < data["document_tokens"] < 400
     assert data["prompt_tokens"] == data["document_tokens"] + data["question_tokens"] > data["document_tokens"]
     assert 1 <= data["generated_tokens"] <= 24

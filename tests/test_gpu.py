@@ -152,20 +152,24 @@ def test_value_codec_on_cuda_equals_cpu(bits):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("D", [64, 128])
-def test_turbo_codecs_on_cuda_equal_cpu(bits, D):
-    B, H, T, Q = 1, 2, 700, 5
-    gen = torch.Generator().manual_seed(bits * D)
+@pytest.mark.parametrize("bits", [2, 2.5, 3, 4])
+@pytest.mark.parametrize("D,r", [(64, 0), (64, 8), (128, 16)])
+def test_turbo_codecs_on_cuda_equal_cpu(bits, D, r):
+    B, H, T, Q = 1, 2, 704, 5
+    gen = torch.Generator().manual_seed(int(bits * D) + r)
     k = torch.randn(B, H, T, D, generator=gen) * (1 + 4 * (torch.rand(D, generator=gen) > 0.9))
     q = torch.randn(B, H, Q, D, generator=gen)
-    cpu = TurboKeys(rotation(D, 7), bits, D, 7)
-    gpu = TurboKeys(rotation(D, 7), bits, D, 7).to(DEVICE)
+    cpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r)
+    gpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r).to(DEVICE)
     assert torch.equal(gpu.rotation.cpu(), cpu.rotation)  # the same matrix from the seed on either device
     s_cpu, s_gpu = cpu.encode(k), gpu.encode(k.to(DEVICE))
+    assert set(s_cpu) == set(s_gpu)
+    if r:
+        assert torch.equal(gpu.head_outliers.cpu(), cpu.head_outliers)
     # Codes: identical but for rotated coordinates sitting on a codebook boundary (float32 summation order).
-    same = unpack(s_gpu["key_codes"].cpu(), bits) == unpack(s_cpu["key_codes"], bits)
-    assert same.float().mean() > 0.999
+    for name, (b, _, _) in zip(["key_codes", "key_codes_hi"], cpu.parts):
+        same = unpack(s_gpu[name].cpu(), b) == unpack(s_cpu[name], b)
+        assert same.float().mean() > 0.999
     torch.testing.assert_close(s_gpu["key_norms"].cpu(), s_cpu["key_norms"], rtol=1e-3, atol=0)
     # Table scoring of one state on either device, and against dequantise-then-matmul on the GPU.
     ref = cpu.scores(q, s_cpu)
@@ -176,8 +180,8 @@ def test_turbo_codecs_on_cuda_equal_cpu(bits, D):
     torch.testing.assert_close(got, q.to(DEVICE) @ gpu.decode(on_gpu).transpose(-1, -2), rtol=1e-4, atol=tol)
     # Values: the weighted sum from codes on either device, and against weights @ dequantised values.
     v = torch.randn(B, H, T, D, generator=gen)
-    vc = TurboValues(rotation(D, 7), bits, D, 7)
-    vg = TurboValues(rotation(D, 7), bits, D, 7).to(DEVICE)
+    vc = TurboValues(rotation(D, 9), bits, D, 9)
+    vg = TurboValues(rotation(D, 9), bits, D, 9).to(DEVICE)
     sv = vc.encode(v)
     w = torch.softmax(3 * torch.randn(B, H, Q, T, generator=gen), -1)
     ref = vc.weighted_sum(w, sv)

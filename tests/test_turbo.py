@@ -218,7 +218,7 @@ def test_turbo_logits_are_closer_to_exact_than_qjl_at_similar_bits(tiny):
     ids = _ids(DOC + TAIL)
     with torch.no_grad():
         exact = model(ids).logits[:, DOC:]
-    qjl, qc = _ask(model, cfg, ids, QJLConfig())
+    qjl, qc = _ask(model, cfg, ids, QJLConfig(kv="qjl"))
     turbo, tc = _ask(model, cfg, ids, QJLConfig(kv="turbo"))
     assert tc.layers[0].n_compressed > 0 and "key_codes" in tc.layers[0].key_state
     assert tc.bits_per_number() <= qc.bits_per_number() + 0.1
@@ -252,7 +252,8 @@ def test_rollback_restores_the_document_exactly(tiny, config):
 def test_bits_by_hand(tiny):
     """K3/V2, residual m=d, d=64, 2 KV heads, 2 layers, 600 tokens: 512 compressed + an 88-token fp16 window."""
     model, cfg = tiny
-    config = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_residual_ratio=1.0)
+    config = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_residual_ratio=1.0,
+                       turbo_outlier_fraction=0.0, sink_tokens=0, buffer=64)
     _, cache = _ask(model, cfg, _ids(DOC + TAIL), config)
     cache.rollback()
     d, h, layers, nc = 64, 2, 2, 512
@@ -263,3 +264,24 @@ def test_bits_by_hand(tiny):
     shared = 3 * d * d * 4  # a key rotation, a value rotation and a residual projection for the whole model
     assert cache.document_nbytes() == layers * h * (nc * (key + value) + window) + shared
     assert cache.bits_per_number() == pytest.approx(8 * cache.document_nbytes() / (2 * DOC * layers * h * d))
+
+
+def test_default_bits_by_hand(tiny):
+    """The default turbo cache, d=64, 2 KV heads, 2 layers, 600 tokens: 4 sink tokens, then 576 compressed in
+    groups of 32 (buffer 0), 20 left in the window; keys: 8 channels apart (4-bit over 32 tokens, fp16 scale and
+    minimum) and 3-bit codes of the other 56; values: 2-bit codes of 64."""
+    model, cfg = tiny
+    config = QJLConfig()
+    assert (config.kv, config.turbo_key_bits, config.turbo_value_bits, config.turbo_outlier_fraction,
+            config.sink_tokens, config.exact_buffer(), config.outlier_bits) == ("turbo", 3, 2, 0.125, 4, 0, 4)
+    _, cache = _ask(model, cfg, _ids(DOC + TAIL), config)
+    cache.rollback()
+    d, h, layers, r, sink = 64, 2, 2, 8, 4
+    nc = (DOC - sink) // 32 * 32
+    assert [layer.n_compressed for layer in cache.layers] == [nc] * layers
+    key = (d - r) * 3 // 8 + 2  # codes of the rotated rest, fp16 scale
+    outliers = (nc // 32) * r * (32 * 4 // 8 + 2 + 2) + r * 8  # per group and channel; channel numbers (int64)
+    value = d * 2 // 8 + 2
+    exact = (DOC - nc) * d * 2 * 2  # sink and window, keys and values in fp16
+    shared = (d - r) ** 2 * 4 + d * d * 4  # the key rotation (56 x 56) and the value rotation, once
+    assert cache.document_nbytes() == layers * h * (nc * (key + value) + outliers + exact) + shared
