@@ -60,11 +60,12 @@ class QJLConfig:
     # Channels per value group: one fp16 scale and minimum per group. 64 costs 0.5 bits a value number
     # less than KIVI's 32 and measured no worse on SmolLM2.
     value_group: int = 64
-    # --kv turbo: bits per key coordinate. 3: on SmolLM2 (2,304 tokens, V 2-bit) K3 gave ppl x1.043 at 3.12 bits a
-    # number against x1.144 for K2 at 2.64 (scripts/quality_table.py --preset turbo); softmax amplifies key error.
+    # --kv turbo: bits per key coordinate, 1 to 4; a fraction puts that share of the rotated coordinates (in
+    # multiples of 8) at one bit more (2.5: half at 3 bits). 3: on SmolLM2 (2,304 tokens, V 2-bit) K3 gave ppl
+    # x1.043 at 3.12 bits a number against x1.144 for K2 at 2.64; softmax amplifies key error.
     turbo_key_bits: float = 3
-    # --kv turbo: bits per value coordinate. 2, because value error is averaged by the attention weights and
-    # 2 bits keep the cache near 3 bits a number overall (as KIVI's 2-bit values).
+    # --kv turbo: bits per value coordinate, as the keys'. 2 keeps the cache under 3 bits a number; values carry
+    # most of the default's remaining error (V3: x1.008 at 3.47 bits, V2.25: x1.017 at 3.10; BENCHMARKS.md).
     turbo_value_bits: float = 2
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
     # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).

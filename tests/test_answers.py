@@ -42,17 +42,24 @@ def _answers(loaded, kv: str) -> tuple[list[str], object]:
     return [session.ask(q, max_new_tokens=24).text for q, _ in QUESTIONS], session
 
 
+@pytest.fixture(scope="module")
+def exact_answers(loaded):
+    answers, _ = _answers(loaded, "exact")
+    hits = [fact in a for a, (_, fact) in zip(answers, QUESTIONS)]
+    assert sum(hits) >= 4, f"the exact cache itself misses facts: {answers}"
+    return answers, hits
+
+
 @pytest.mark.slow
-def test_qjl_answers_agree_with_exact_on_four_of_five(loaded):
-    exact, _ = _answers(loaded, "exact")
-    qjl, session = _answers(loaded, "qjl")
-    hits_exact = [fact in a for a, (_, fact) in zip(exact, QUESTIONS)]
-    hits_qjl = [fact in a for a, (_, fact) in zip(qjl, QUESTIONS)]
-    assert sum(hits_exact) >= 4, f"the exact cache itself misses facts: {exact}"
-    agree = sum(e == q for e, q in zip(hits_exact, hits_qjl))
-    assert agree >= 4, f"QJL agrees on {agree}/5:\nexact={exact}\nqjl={qjl}"
-    # The QJL session really answered from a compressed document segment, at a few bits per number.
-    assert isinstance(session.cache, QJLCache)
+@pytest.mark.parametrize("kv", ["turbo", "qjl"])
+def test_compressed_answers_agree_with_exact_on_four_of_five(loaded, exact_answers, kv):
+    exact, hits_exact = exact_answers
+    got, session = _answers(loaded, kv)
+    hits = [fact in a for a, (_, fact) in zip(got, QUESTIONS)]
+    agree = sum(e == q for e, q in zip(hits_exact, hits))
+    assert agree >= 4, f"{kv} agrees on {agree}/5:\nexact={exact}\n{kv}={got}"
+    # The session really answered from a compressed document segment, at a few bits per number.
+    assert isinstance(session.cache, QJLCache) and session.config.kv == kv
     assert session.cache.layers[0].n_compressed > 0.8 * session.document_tokens
     assert session.stats().kv_bits_per_number < 6
 

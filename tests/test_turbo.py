@@ -58,6 +58,16 @@ def test_pack_round_trip(bits):
     assert torch.equal(unpack(packed, bits), codes)
 
 
+def test_three_bit_pair_indices_hold_two_codes_each():
+    from qjl.turbo import _pair_index, _pair_onehot
+    codes = torch.randint(0, 8, (2, 3, 5, 56), generator=_gen(9)).to(torch.uint8)
+    idx = _pair_index(pack(codes, 3))
+    assert idx.shape == (2, 3, 5, 28) and idx.dtype == torch.int32
+    assert torch.equal(idx, (codes[..., 0::2].int() | (codes[..., 1::2].int() << 3)))
+    onehot = _pair_onehot("cpu")  # column w has a 1 at code s of w, for s = 0, 1
+    assert torch.equal(onehot.sum(0), torch.full((64,), 2.0)) and onehot[3, 3] == 1 and onehot[8 + 1, 8] == 1
+
+
 # --- scores and weighted sums from codes --------------------------------------------------------
 def _keys(bits, d=64, m=0, pseed=5):
     proj = jl_projection(m, d, pseed) if m else None
