@@ -494,6 +494,8 @@ def test_cli_cache_usage_errors(qjl_home, fake_model, saved, tmp_path):
     _assert_error(_invoke("cache", "save", doc, "-o", tmp_path / "out.bin"), 2, ".qjl")
     _assert_error(_invoke("cache", "load", path), 2, "--question")
     _assert_error(_invoke("ask", path, "Who?", "--kv", "exact"), 2, "--kv exact")
+    _assert_error(_invoke("cache", "save", doc, "-o", tmp_path / "e.qjl", "--kv", "exact"), 2, "--kv")
+    assert not (tmp_path / "e.qjl").exists()
     _assert_error(_invoke("cache", "save", tmp_path / "missing.txt", "-o", tmp_path / "x.qjl"), 3)
     assert not (tmp_path / "x.qjl").exists()
 
