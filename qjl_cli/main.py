@@ -743,7 +743,12 @@ def _render_info(file: str, info: dict) -> str:
         source += f", {int(src['size']):,} bytes" if str(src["size"]).isdigit() else f", {src['size']} bytes"
     if src["sha256"]:
         source += f", sha256 {src['sha256']}"
-    config = ", ".join(f"{k}={v}" for k, v in sorted(info["config"].items()))
+    settings = dict(info["config"])
+    if settings.get("buffer") is None:  # the mode's default window, as the cache used it
+        from qjl.config import QJLConfig
+
+        settings["buffer"] = f"{QJLConfig.from_dict(info['config']).exact_buffer()} (the {settings.get('kv')} default)"
+    config = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
     ratio = info["ratio_vs_fp16"]
     rows = [
         ("file", file),

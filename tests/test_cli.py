@@ -274,7 +274,7 @@ def test_unexpected_error_is_one_line_without_traceback(fake_model, doc, monkeyp
 
 def test_console_script_entry_point(tmp_path):
     """`python -m qjl_cli.main` goes through run(): the exit code and one line, no traceback, no torch import."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     missing = tmp_path / "missing.txt"
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qjl_cli.main", "ask", str(missing), "Who?"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)

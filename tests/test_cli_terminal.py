@@ -27,7 +27,7 @@ def overview(tmp_path) -> Path:
 
 
 def _env(home: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "QJL_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "QJL_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env.pop("QJL_MODEL", None)
     return env
 
