@@ -239,8 +239,8 @@ def main(
 
 
 class KVMode(str, enum.Enum):
-    qjl = "qjl"
     turbo = "turbo"
+    qjl = "qjl"
     exact = "exact"
 
 
