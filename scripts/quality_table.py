@@ -77,6 +77,12 @@ PRESETS = {
         "qjl, no sink": QJL,
         "paper: m=2d (4d in 2 early layers), 4 fp16 outliers/group, V 2-bit g32, buffer 128": PAPER,
     },
+    # Key bits traded for value bits around the turbo default (fractional bits: qjl/turbo.py split_bits).
+    "trades": {
+        "turbo K2.75/V2.25": QJLConfig(turbo_key_bits=2.75, turbo_value_bits=2.25),
+        "turbo K2.875/V2.125": QJLConfig(turbo_key_bits=2.875, turbo_value_bits=2.125),
+        "turbo K3/V2.125": QJLConfig(turbo_value_bits=2.125),
+    },
 }
 
 
