@@ -67,6 +67,10 @@ class QJLConfig:
     # --kv turbo: bits per value coordinate, as the keys'. 2 keeps the cache under 3 bits a number; values carry
     # most of the default's remaining error (V3: x1.008 at 3.47 bits, V2.25: x1.017 at 3.10; BENCHMARKS.md).
     turbo_value_bits: float = 2
+    # --kv turbo, 2-bit values: "vq4" codes each 4 rotated coordinates as one byte, the nearest of 256 points of a
+    # 4-D k-means codebook (qjl/data/vq4_256.txt): the same bits, 0.096 against 0.1175 mean squared error, and
+    # ppl x1.013 against x1.021 for "scalar" (per-coordinate Lloyd-Max). Other value bit widths are scalar.
+    turbo_value_codebook: str = "vq4"
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
     # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).
     turbo_residual_ratio: float = 0.0
@@ -86,6 +90,8 @@ class QJLConfig:
         if not (1 <= self.turbo_key_bits <= 4 and 1 <= self.turbo_value_bits <= 4):
             raise ConfigError(f"turbo_key_bits and turbo_value_bits must be 1 to 4, not "
                               f"{self.turbo_key_bits} and {self.turbo_value_bits}")
+        if self.turbo_value_codebook not in ("scalar", "vq4"):
+            raise ConfigError(f"turbo_value_codebook must be 'scalar' or 'vq4', not {self.turbo_value_codebook!r}")
         if not 0 <= self.turbo_outlier_fraction < 1:
             raise ConfigError("turbo_outlier_fraction must be in [0, 1)")
         if self.turbo_residual_ratio < 0:

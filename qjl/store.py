@@ -31,7 +31,7 @@ from .cache import COMPRESSED_MODES, SHARED_PARAMS, QJLCache, kv_geometry, make_
 from .config import QJLConfig
 
 FORMAT_NAME = "qjl-cache"
-FORMAT_VERSION = "2"  # 2: exact sink tokens (sink_keys, sink_values), LS-fitted turbo norms
+FORMAT_VERSION = "3"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook
 # Written in pieces so a huge cache never needs a second copy in a single write call.
 _CHUNK_BYTES = 1 << 20
 _WINDOW_NAMES = ("window_keys", "window_values")

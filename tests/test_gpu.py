@@ -180,8 +180,9 @@ def test_turbo_codecs_on_cuda_equal_cpu(bits, D, r):
     torch.testing.assert_close(got, q.to(DEVICE) @ gpu.decode(on_gpu).transpose(-1, -2), rtol=1e-4, atol=tol)
     # Values: the weighted sum from codes on either device, and against weights @ dequantised values.
     v = torch.randn(B, H, T, D, generator=gen)
-    vc = TurboValues(rotation(D, 9), bits, D, 9)
-    vg = TurboValues(rotation(D, 9), bits, D, 9).to(DEVICE)
+    book = "vq4" if bits == 2 else "scalar"  # 2-bit values: the 4-D codebook, as the default
+    vc = TurboValues(rotation(D, 9), bits, D, 9, codebook=book)
+    vg = TurboValues(rotation(D, 9), bits, D, 9, codebook=book).to(DEVICE)
     sv = vc.encode(v)
     w = torch.softmax(3 * torch.randn(B, H, Q, T, generator=gen), -1)
     ref = vc.weighted_sum(w, sv)

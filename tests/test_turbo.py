@@ -100,6 +100,41 @@ def test_weighted_sum_equals_weights_times_dequantised_values(bits):
     assert torch.allclose(codec.weighted_sum(w, state), ref, atol=1e-5)
 
 
+def test_the_4d_codebook_beats_the_scalar_code_at_2_bits():
+    from qjl.turbo import vq4_codebook
+    cb = vq4_codebook().double()
+    assert cb.shape == (256, 4) and torch.isfinite(cb).all()
+    x = torch.randn(100_000, 4, generator=_gen(21), dtype=torch.float64)
+    nearest = (x @ cb.T - 0.5 * (cb * cb).sum(1)).argmax(1)
+    mse = ((x - cb[nearest]) ** 2).mean().item()
+    c, b = solve_lloyd_max(2, 0)  # the scalar 2-bit Lloyd-Max code of N(0, 1)
+    scalar = ((x - torch.as_tensor(c)[torch.bucketize(x, torch.as_tensor(b))]) ** 2).mean().item()
+    assert scalar == pytest.approx(0.1175, abs=0.003)
+    assert mse < 0.098 and mse < 0.85 * scalar
+    # a k-means fixed point: each centroid is (nearly) the mean of the samples nearest to it
+    counts = torch.bincount(nearest, minlength=256)
+    means = torch.zeros_like(cb).index_add_(0, nearest, x) / counts.unsqueeze(1).clamp_min(1)
+    assert (counts > 100).all() and ((means - cb).norm(dim=1) < 0.15).all()
+
+
+def test_vq4_values_pick_the_nearest_codeword_and_sum_like_the_reference():
+    from qjl.turbo import _vq4_on
+    codec = TurboValues(rotation(64, 3), 2, 64, 3, codebook="vq4")
+    assert codec.vq and not TurboValues(rotation(64, 3), 3, 64, 3, codebook="vq4").vq  # 2 bits only
+    v = torch.randn(1, 2, 80, 64, generator=_gen(3))
+    state = codec.encode(v)
+    assert state["value_codes"].shape == (1, 2, 80, 16) and state["value_codes"].dtype == torch.uint8
+    y = (v / v.norm(dim=-1, keepdim=True)) @ codec.rotation.T
+    cb = _vq4_on(64, "cpu")
+    brute = ((y.reshape(1, 2, 80, 16, 1, 4) - cb) ** 2).sum(-1).argmin(-1)
+    assert (brute == state["value_codes"].long()).float().mean() > 0.999  # ties aside
+    w = torch.softmax(torch.randn(1, 2, 5, 80, generator=_gen(4)), dim=-1)
+    assert torch.allclose(codec.weighted_sum(w, state), w @ codec.decode(state), atol=1e-5)
+    scalar = TurboValues(rotation(64, 3), 2, 64, 3)
+    err = lambda c: (c.decode(c.encode(v)) - v).pow(2).sum().item()  # noqa: E731
+    assert err(codec) < 0.9 * err(scalar)
+
+
 def test_the_residual_sketch_makes_inner_products_unbiased():
     """Mean over 300 sketch seeds of the residual estimate -> <q, k>; without it the error of k_hat stays."""
     d = 64
@@ -182,6 +217,8 @@ def test_config_validation():
         QJLConfig(turbo_outlier_fraction=0.99).turbo_outliers(64)
     with pytest.raises(ConfigError):
         QJLConfig(sink_tokens=-1)
+    with pytest.raises(ConfigError):
+        QJLConfig(turbo_value_codebook="vq8")
 
 
 # --- through the cache ----------------------------------------------------------------------------
