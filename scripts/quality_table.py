@@ -64,7 +64,8 @@ PRESETS = {
     },
     # The defaults of both modes and what each part of the turbo default buys (BENCHMARKS.md).
     "final": {
-        "turbo default: K3 + 8 channels apart, V2, 4 sink tokens, buffer 0": QJLConfig(),
+        "turbo default: K3 + 8 channels apart, V2 (4-D codebook), 4 sink tokens, buffer 0": QJLConfig(),
+        "turbo default, scalar V2 codes": QJLConfig(turbo_value_codebook="scalar"),
         "turbo default, no sink": QJLConfig(sink_tokens=0),
         "turbo default, no channels apart": QJLConfig(turbo_outlier_fraction=0.0),
         "turbo default, buffer 32": QJLConfig(buffer=32),
