@@ -26,7 +26,7 @@ QJL = QJLConfig(kv="qjl", sink_tokens=0)  # the QJL mode as measured before sink
 PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
 TURBO0 = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_outlier_fraction=0.0, sink_tokens=0,
-                   buffer=64)  # turbo as first built (least-squares scales aside)
+                   buffer=64, turbo_value_codebook="scalar")  # turbo as first built (least-squares scales aside)
 HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8, query_aware_outliers=False)
 
 PRESETS = {
