@@ -19,9 +19,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QJLConfig:
-    # "turbo": rotation + Lloyd-Max codes for both (qjl/turbo.py), the default: at about 3 bits a number it
-    # measured ppl x1.020-1.023 against x1.058 for "qjl" (BENCHMARKS.md); "qjl": the paper's 1-bit JL keys +
-    # integer values; "exact": transformers' ordinary cache, for comparison.
+    # "turbo": rotation + Lloyd-Max codes for both (qjl/turbo.py), the default: at 2.98 bits a number it
+    # measured ppl x1.014-1.017 against x1.058 for "qjl" at 2.99 (BENCHMARKS.md); "qjl": the paper's 1-bit JL
+    # keys + integer values; "exact": transformers' ordinary cache, for comparison.
     kv: str = "turbo"
     # JL sketch rows per key, as a multiple of head_dim: 2x is the paper's choice, 2 bits a key number in signs.
     sketch_ratio: float = 2.0
