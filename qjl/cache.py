@@ -23,8 +23,8 @@ from .keys import QJLKeys
 from .turbo import TurboKeys, TurboValues
 from .values import QuantValues
 
-# Per-model matrices a key codec's params() may hold: shared by the layers of a class, counted (and stored)
-# once per seed, never per layer.
+# Per-model matrices a codec's params() may hold (each codec names its own in shared_seeds()): shared by the
+# layers of a class, counted (and stored) once per seed, never per layer.
 SHARED_PARAMS = ("projection", "rotation", "value_rotation")
 COMPRESSED_MODES = ("qjl", "turbo")
 
@@ -96,8 +96,7 @@ class QJLLayer(CacheLayerMixin):
         # Exact document tokens are kept in 16 bits even for an fp32 model: a 16-bit cache is the baseline.
         self.storage_dtype = torch.float16 if key_states.dtype == torch.float32 else key_states.dtype
         self.key_codec.to(self.device)
-        if hasattr(self.value_codec, "to"):
-            self.value_codec.to(self.device)
+        self.value_codec.to(self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

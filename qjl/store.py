@@ -4,7 +4,7 @@ Layout of a `.qjl` file:
   tensors   `layers.{i}.{name}` for every document tensor of layer i (codec states, exact window,
             per-layer parameters such as `key_head_outliers`), except the JL projection, which is
             stored once per layer class as `projections.{seed}` (layers of a class share one matrix), and
-            likewise the turbo rotation as `rotations.{seed}`;
+            likewise the turbo rotations as `rotations.{seed}` (keys) and `value_rotations.{seed}`;
   metadata  strings only (safetensors' rule): format name and version, QJLConfig JSON, model name and
             identity, geometry, token counts, the prompt's suffix template, source file, creation time,
             and a sha256 checksum over the metadata and every tensor's name, dtype, shape and bytes.

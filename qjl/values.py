@@ -108,6 +108,9 @@ class QuantValues:
                 out[..., cols] += ws @ codes[..., cols]
         return out
 
+    def to(self, device) -> "QuantValues":
+        return self  # no per-layer tensors: scales and minimums travel with each state
+
     def params(self) -> dict[str, torch.Tensor]:
         return {}
 
