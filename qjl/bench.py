@@ -21,10 +21,8 @@ from transformers import DynamicCache
 
 from .cache import SHARED_PARAMS, QJLCache
 from .config import QJLConfig
+from .errors import BenchError  # noqa: F401 - re-exported
 
-
-class BenchError(RuntimeError):
-    pass
 
 
 def essays_text() -> str:

@@ -16,7 +16,7 @@ itself exactly and its K/V are compressed as soon as that layer is done with the
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from .config import ConfigError, QJLConfig
 from .keys import QJLKeys
@@ -212,9 +212,6 @@ class QJLLayer(CacheLayerMixin):
                 total += _tensor_bytes(t)
         return total
 
-    def tail_nbytes(self) -> int:
-        return _tensor_bytes(self.tail_k) + _tensor_bytes(self.tail_v)
-
     def document_length(self) -> int:
         return self.n_compressed + sum(0 if t is None else t.shape[2] for t in (self.sink_k, self.window_k))
 
@@ -267,9 +264,6 @@ class QJLCache(Cache):
                 seen[(name, seed, tuple(p.shape))] = _tensor_bytes(p)
         return total + sum(seen.values())
 
-    def nbytes(self) -> int:
-        return self.document_nbytes() + sum(layer.tail_nbytes() for layer in self.layers)
-
     def bits_per_number(self) -> float:
         """8 * bytes held for the document / (2 * tokens * layers * kv_heads * head_dim) (DESIGN.md §3)."""
         tokens = self.document_tokens
@@ -281,3 +275,42 @@ class QJLCache(Cache):
     def fp16_nbytes(self) -> int:
         """What a 16-bit cache of the same document tokens would take."""
         return 2 * 2 * self.document_tokens * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+class ExactCache(DynamicCache):
+    """--kv exact: transformers' ordinary cache with QJLCache's document/tail interface, so the session and the
+    benchmarks treat every mode alike. The document is everything cached up to `freeze_document`; rollback
+    crops back to it."""
+
+    def __init__(self, model_config, config: QJLConfig | None = None):
+        super().__init__(config=model_config)
+        self.config = config or QJLConfig(kv="exact")
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model_config)
+        self._document_tokens: int | None = None
+
+    def freeze_document(self) -> None:
+        self._document_tokens = self.get_seq_length()
+
+    def rollback(self) -> None:
+        extra = self.get_seq_length() - self.document_tokens
+        if extra > 0:
+            self.crop(-extra)
+
+    @property
+    def document_tokens(self) -> int:
+        return self.get_seq_length() if self._document_tokens is None else self._document_tokens
+
+    def document_nbytes(self) -> int:
+        """Bytes of the document's keys and values (in the model's dtype: 32 bits a number for an fp32 model)."""
+        total = self.get_seq_length()
+        held = sum(_tensor_bytes(t) for layer in self.layers for t in (layer.keys, layer.values)
+                   if isinstance(t, torch.Tensor))
+        return held * self.document_tokens // total if total else 0
+
+    bits_per_number = QJLCache.bits_per_number
+    fp16_nbytes = QJLCache.fp16_nbytes
+
+
+def make_cache(model_config, config: QJLConfig):
+    """A fresh cache for config.kv: ExactCache for "exact", else a QJLCache."""
+    return ExactCache(model_config, config) if config.kv == "exact" else QJLCache(model_config, config)

