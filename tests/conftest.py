@@ -6,6 +6,7 @@ A test never needs the network: HF_HUB_OFFLINE is set before anything imports hu
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,26 +84,41 @@ class FakeScript:
 
 @dataclass
 class FakeLoaded:
+    """Implements qjl_cli.seams.LoadedModelLike."""
+
     name: str
     context_length: int
-    source: str = "fake"
     identity: str = "fake"
 
 
 class FakeSession:
-    """Stands in for qjl.session.Session: counts words as tokens and answers with the scripted pieces."""
+    """Stands in for qjl.session.Session (implements qjl_cli.seams.SessionLike): counts words as tokens and
+    answers with the scripted pieces. A cache file it saves holds only the document's token count."""
 
     PROMPT_TOKENS = 30  # chat template and instructions around the document
 
     def __init__(self, script: FakeScript, loaded: FakeLoaded, config):
         self.script, self.loaded, self.config = script, loaded, config
+        self.document_tokens = 0
+
+    def _limit(self, max_new_tokens: int) -> int:
+        from qjl.session import QUESTION_RESERVE
+
+        return self.loaded.context_length - QUESTION_RESERVE - max_new_tokens
+
+    def _stats(self, n: int, prefill_s: float):
+        from qjl.session import DocumentStats
+
+        fp16 = n * 2 * 30 * 3 * 64 * 2
+        bits = 16.0 if self.config.kv == "exact" else 3.0
+        return DocumentStats(n, prefill_s, int(fp16 * bits / 16), bits, fp16)
 
     def load_document(self, text, max_new_tokens=256, chunk=None, progress=None, truncate=None):
-        from qjl.session import QUESTION_RESERVE, DocumentStats, DocumentTooLongError
+        from qjl.errors import DocumentTooLongError
 
         self.script.calls["prefill"] = dict(text=text, max_new_tokens=max_new_tokens, chunk=chunk, truncate=truncate)
         n = len(text.split()) + self.PROMPT_TOKENS
-        limit = self.loaded.context_length - QUESTION_RESERVE - max_new_tokens
+        limit = self._limit(max_new_tokens)
         cut = None
         if n > limit and truncate:  # words stand for tokens: keep the head, the tail or both ends
             words, keep = text.split(), limit - self.PROMPT_TOKENS
@@ -118,11 +134,34 @@ class FakeSession:
         if progress:
             progress(n // 2, n)
             progress(n, n)
-        fp16 = n * 2 * 30 * 3 * 64 * 2
-        bits = 16.0 if self.config.kv == "exact" else 3.0
-        stats = DocumentStats(n, 0.5, int(fp16 * bits / 16), bits, fp16)
+        self.document_tokens = n
+        stats = self._stats(n, 0.5)
         if cut:
             stats.extra["truncated"] = cut
+        return stats
+
+    def save_cache(self, path, source_info=None):
+        self.script.calls["save_cache"] = dict(path=path, source_info=source_info)
+        path = Path(path)
+        path.write_text(json.dumps({"kv": self.config.kv, "document_tokens": self.document_tokens}))
+        return path
+
+    def load_cache(self, path, max_new_tokens=256):
+        """Reads what save_cache wrote (the real store.inspect_cache refuses such a file: patch it to get here)."""
+        from qjl.config import QJLConfig
+        from qjl.errors import CacheFileError, DocumentTooLongError
+
+        self.script.calls["load_cache"] = dict(path=path, max_new_tokens=max_new_tokens)
+        self.script.check("load_cache")
+        try:
+            saved = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise CacheFileError(f"{path}: not a fake cache file ({e})") from None
+        self.config, self.document_tokens = QJLConfig(kv=saved["kv"]), saved["document_tokens"]
+        if self.document_tokens > self._limit(max_new_tokens):
+            raise DocumentTooLongError(self.document_tokens, self._limit(max_new_tokens), self.loaded.context_length)
+        stats = self._stats(self.document_tokens, 0.0)
+        stats.extra.update(cache_file=str(path), cache_load_s=0.01)
         return stats
 
     def rollback(self):
@@ -146,8 +185,8 @@ class FakeSession:
 
 @pytest.fixture
 def fake_model(monkeypatch) -> FakeScript:
-    """Replace the CLI's model loading and Session with the scripted fake; returns the script to adjust."""
-    import qjl_cli.main as cli
+    """Replace the CLI's model loading and Session (qjl_cli.seams) with the scripted fake; returns the script."""
+    import qjl_cli.seams as seams
 
     script = FakeScript()
 
@@ -161,6 +200,6 @@ def fake_model(monkeypatch) -> FakeScript:
         script.check("session")
         return FakeSession(script, loaded, config)
 
-    monkeypatch.setattr(cli, "load_model", load_model)
-    monkeypatch.setattr(cli, "new_session", new_session)
+    monkeypatch.setattr(seams, "load_model", load_model)
+    monkeypatch.setattr(seams, "new_session", new_session)
     return script

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import qjl_cli.main as cli
+import qjl_cli.render as render
 from qjl.config import ConfigError
 from qjl_cli.main import ExitCode, app
 
@@ -101,7 +101,7 @@ def test_options_reach_the_session(fake_model, doc):
 
 
 def test_streams_on_a_terminal(fake_model, doc, monkeypatch):
-    monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)  # stdout and stderr "are" terminals
+    monkeypatch.setattr(render, "is_terminal", lambda stream: True)  # stdout and stderr "are" terminals
     result = invoke("ask", doc, "Who?")
     assert result.exit_code == 0, result.output
     assert fake_model.calls["ask"]["on_text"] is not None

@@ -8,6 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 import qjl_cli.main as cli
+import qjl_cli.render as render
+import qjl_cli.repl as repl
 from pdf_maker import make_pdf
 from qjl_cli.main import ExitCode, app
 
@@ -151,7 +153,7 @@ def test_questions_line_by_line_on_stdin(fake_model, pdf):
 # --- the interactive loop (scripted lines instead of a terminal) -----------------------------------------
 def scripted(monkeypatch, lines, fake_model=None, interrupt_on=None):
     """stdin "is" a terminal and _read_line returns `lines` in turn (an exception is raised instead)."""
-    monkeypatch.setattr(cli, "_is_terminal", lambda stream: stream is not cli.sys.stdout)
+    monkeypatch.setattr(render, "is_terminal", lambda stream: stream is not cli.sys.stdout)
     feed = iter(lines)
 
     def read_line(prompt):
@@ -162,7 +164,7 @@ def scripted(monkeypatch, lines, fake_model=None, interrupt_on=None):
             fake_model.interrupt_after = 1 if item == interrupt_on else None
         return item
 
-    monkeypatch.setattr(cli, "_read_line", read_line)
+    monkeypatch.setattr(repl, "read_line", read_line)
 
 
 def test_interactive_loop(fake_model, pdf, monkeypatch):

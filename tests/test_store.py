@@ -515,16 +515,16 @@ def test_cli_cache_info_of_a_tiny_file(qjl_home, saved):
 
 @pytest.mark.slow
 def test_cli_save_info_ask_and_load_with_the_embedded_model(embedded_home, tmp_path, monkeypatch):
-    import qjl_cli.main as cli
+    import qjl_cli.seams as seams
 
-    real_load, models = cli.load_model, {}
+    real_load, models = seams.load_model, {}
 
     def load_once(spec, progress=None):  # one model for every command of this test
         if spec not in models:
             models[spec] = real_load(spec, progress)
         return models[spec]
 
-    monkeypatch.setattr(cli, "load_model", load_once)
+    monkeypatch.setattr(seams, "load_model", load_once)
     doc = tmp_path / "overview.md"
     doc.write_text((ROOT / "qjl" / "data" / "sample.txt").read_text().split("2. Water supply")[0])
     out = tmp_path / "overview.qjl"

@@ -1,0 +1,48 @@
+"""The epilogs of `--help`: examples, the interactive session, the environment, the exit codes."""
+
+from __future__ import annotations
+
+from .errors import EXIT_CODES_HELP
+
+ENVIRONMENT_HELP = """\
+Environment:
+  QJL_MODEL       default model (else the embedded SmolLM2-135M-Instruct)
+  QJL_HOME        where converted models and caches live
+  HF_HUB_OFFLINE  1: never use the network for models
+  NO_COLOR        no colour on stderr
+  QJL_DEBUG       1: print tracebacks"""
+
+ASK_EXAMPLES = """\
+Examples:
+  qjl ask report.pdf "What was revenue in 2023?"
+  qjl ask report.pdf                                  (interactive: many questions, one reading)
+  cat notes.md | qjl ask - "Summarise the decisions" --json
+  qjl ask minutes.txt budget.pdf page.html -q "Who approved the budget?"
+  qjl ask report.pdf --questions questions.txt > answers.jsonl
+  qjl ask long.txt "How does it end?" --truncate tail
+  qjl ask secret.pdf "Who signed it?" --password hunter2
+  qjl ask report.md "Who signed it?" -m ./SmolLM2-360M.gguf"""
+
+INTERACTIVE_HELP = """\
+Interactive session (no question, stdin a terminal):
+  each question is answered from the document alone; Ctrl-C stops an answer,
+  Ctrl-D or /exit leaves; /info shows tokens, cache bytes and bits per number;
+  /reset forgets the conversation."""
+
+CACHE_EXAMPLES = """\
+Examples:
+  qjl cache save report.txt -o report.qjl
+  qjl ask report.qjl "Who signed it?"
+  qjl cache load report.qjl -q "Who signed it?" -q "When?"
+  qjl cache info report.qjl --json"""
+
+
+def epilog(*parts: str) -> str:
+    return "\n\n".join(parts)
+
+
+MAIN = epilog(EXIT_CODES_HELP, ENVIRONMENT_HELP)
+ASK = epilog(ASK_EXAMPLES, INTERACTIVE_HELP, EXIT_CODES_HELP, ENVIRONMENT_HELP)
+CACHE = epilog(CACHE_EXAMPLES, EXIT_CODES_HELP)
+CACHE_SAVE = epilog(CACHE_EXAMPLES, EXIT_CODES_HELP, ENVIRONMENT_HELP)
+CACHE_LOAD = epilog(INTERACTIVE_HELP, EXIT_CODES_HELP)
