@@ -113,9 +113,10 @@ class FakeSession:
         bits = 16.0 if self.config.kv == "exact" else 3.0
         return DocumentStats(n, prefill_s, int(fp16 * bits / 16), bits, fp16)
 
-    def load_document(self, text, max_new_tokens=256, chunk=None, progress=None, truncate=None):
+    def load_document(self, document, max_new_tokens=256, chunk=None, progress=None, truncate=None):
         from qjl.errors import DocumentTooLongError
 
+        text = document
         self.script.calls["prefill"] = dict(text=text, max_new_tokens=max_new_tokens, chunk=chunk, truncate=truncate)
         n = len(text.split()) + self.PROMPT_TOKENS
         limit = self._limit(max_new_tokens)

@@ -285,6 +285,65 @@ def test_console_script_entry_point(tmp_path):
     assert "torch" not in {l.split("|")[-1].strip() for l in proc.stderr.splitlines() if l.startswith("import time:")}
 
 
+def test_help_and_version_import_no_torch(tmp_path):
+    """The app imports, and --help and --version answer, without torch or transformers."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from qjl_cli.main import app\n"
+            "for args in (['--help'], ['--version'], ['ask', '--help'], ['cache', '--help'], ['cache', 'load', '-h']):\n"
+            "    result = CliRunner().invoke(app, args)\n"
+            "    assert result.exit_code == 0, (args, result.output)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --- the seams: the fake implements what the CLI needs, as the library does ------------------------------
+def test_the_fake_and_the_library_implement_the_seams(fake_model):
+    import inspect
+
+    from conftest import FakeLoaded, FakeSession
+    from qjl.config import QJLConfig
+    from qjl.session import Session
+    from qjl_cli.seams import LoadedModelLike, SessionLike
+
+    loaded = FakeLoaded("fake", 8192)
+    assert isinstance(loaded, LoadedModelLike)
+    assert isinstance(FakeSession(fake_model, loaded, QJLConfig()), SessionLike)
+    for name in ("load_document", "load_cache", "save_cache", "ask", "rollback"):
+        wanted = list(inspect.signature(getattr(SessionLike, name)).parameters)
+        for cls in (Session, FakeSession):
+            assert list(inspect.signature(getattr(cls, name)).parameters) == wanted, (cls.__name__, name)
+
+
+def test_ask_and_cache_load_answer_from_a_cache_file_alike(fake_model, doc, tmp_path, monkeypatch):
+    import qjl_cli.answers as answers
+
+    out = tmp_path / "report.qjl"
+    saved = invoke("cache", "save", doc, "-o", out, "--kv", "qjl")
+    assert saved.exit_code == 0, saved.output
+    assert saved.stdout == "" and saved.stderr.startswith("Saved 44 document tokens to")
+    monkeypatch.setattr(answers, "inspect_cache", lambda file: {})  # the real check refuses the fake's file
+    results = [invoke("ask", out, "Who?", "--json"), invoke("cache", "load", out, "-q", "Who?", "--json")]
+    for result in results:
+        assert result.exit_code == 0, result.output
+    first, second = (json.loads(r.stdout) for r in results)
+    assert first == second
+    assert first["kv"] == "qjl" and first["document"] == str(out) and first["document_tokens"] == 44
+    assert first["cache_file"] == str(out) and "cache_load_s" in first  # measured by the session
+    assert fake_model.calls["load_cache"]["max_new_tokens"] == 256
+
+    text = invoke("cache", "load", out, "-q", "Who?")
+    assert text.stdout == "The general manager is Ana Ruiz.\n" and "loaded from" in text.stderr
+    fake_model.context_length = 300  # the session's own fit check: 44 tokens, room for 300 - 64 - 256 < 0
+    assert_error(invoke("ask", out, "Who?"), ExitCode.TOO_LONG, "44 tokens")
+    assert_error(invoke("cache", "load", out, "-q", "Who?"), ExitCode.TOO_LONG, "44 tokens")
+    assert_error(invoke("ask", out, "Who?", "--kv", "exact"), ExitCode.USAGE, "--kv exact")
+
+
 # --- the real embedded model --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_end_to_end_json_with_the_embedded_model(embedded_home, tmp_path):
