@@ -23,7 +23,7 @@ from qjl import errors as lib
 _click_exceptions = sys.modules[typer.BadParameter.__module__]
 ClickException = _click_exceptions.ClickException
 UsageError = _click_exceptions.UsageError
-NoArgsIsHelpError = getattr(_click_exceptions, "NoArgsIsHelpError", ())
+NoArgsIsHelpError = getattr(_click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 only
 
 
 class ExitCode(enum.IntEnum):
@@ -131,8 +131,7 @@ class QJLGroup(TyperGroup):
             e.show()
             sys.exit(e.exit_code)
         except ClickException as e:
-            ctx = getattr(e, "ctx", None)
-            hint = f" (see '{ctx.command_path} --help')" if isinstance(e, UsageError) and ctx else ""
+            hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, UsageError) and e.ctx else ""
             error(e.format_message() + hint)
             sys.exit(e.exit_code)
         except typer.Abort:

@@ -51,7 +51,8 @@ NoStream = Annotated[bool, typer.Option(
     "--no-stream", help="Print each answer at the end instead of token by token on a terminal.")]
 Question = Annotated[Optional[list[str]], typer.Option(
     "--question", "-q", show_default=False,
-    help="A question (repeat for several, all answered from one reading of the document).")]
+    help="A question (repeat for several: all are answered from one reading of the document, or from the "
+         "cache file).")]
 QuestionsFile = Annotated[Optional[str], typer.Option(
     "--questions", metavar="FILE", show_default=False,
     help="Answer one question per line of FILE (- for stdin) from one reading of the document; "
