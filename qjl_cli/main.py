@@ -163,6 +163,9 @@ def cache_load(
         answer_cache(file, Reply(questions, source, model, max_new_tokens, as_json, no_stream))
 
 
+# --- commands from other modules: each adds itself with `module.register(app)` (a typer.Typer) ----------
+
+
 def run() -> None:
     """Console-script entry point."""
     try:
