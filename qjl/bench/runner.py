@@ -1,0 +1,317 @@
+"""`qjl bench`: one row per (mode, context), every ratio against the exact cache of the same run.
+
+The run, for each context: a warm-up of every mode at a short context (once), then `repeat` rounds that each
+measure every mode in turn (so drift of a shared machine spreads over all modes alike), then with quality on
+a teacher-forced pass of the essays and the needle documents through every mode. Each number is the median
+of the rounds, with the smallest and largest beside it.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .spec import MODES, SHAPES, Geometry, available_bytes, check_memory, check_shape
+
+SCHEMA_VERSION = 1
+# Measured numbers whose ratio to the exact row of the same context goes into row["vs_exact"].
+RATIO_FIELDS = ("kv_bytes", "bits_per_number", "prefill_tokens_per_s", "first_token_s", "decode_ms_per_token",
+                "peak_memory_bytes")
+TIMED_FIELDS = ("prefill_tokens_per_s", "first_token_s", "decode_ms_per_token", "peak_memory_bytes")
+# A decode step costs about as much as prefilling this many tokens (progress weights only).
+_STEP_WEIGHT = 16
+
+
+@dataclass
+class BenchSettings:
+    contexts: list[int]
+    modes: list[str]
+    model: str | None = None  # None: $QJL_MODEL or the embedded model
+    shape: str | None = None  # a random-weight shape instead of a model
+    quality: bool = False
+    repeat: int = 3
+    steps: int = 32
+    prefill_chunk: int = 2048
+    question_tokens: int = 32
+    dtype: str | None = None  # None: float32 on a CPU, bfloat16 on a GPU
+    device: str | None = None
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    quality_chunk: int = 32
+    score_from: int = 256
+    seed: int = 0
+    warmup_context: int = 256
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["depths"] = list(self.depths)
+        return d
+
+
+class Reporter(Protocol):
+    def start(self, total: float) -> None: ...
+    def stage(self, text: str) -> None: ...
+    def advance(self, amount: float) -> None: ...
+    def row(self, row: dict) -> None: ...
+
+
+class _Quiet:
+    def start(self, total: float) -> None: pass
+    def stage(self, text: str) -> None: pass
+    def advance(self, amount: float) -> None: pass
+    def row(self, row: dict) -> None: pass
+
+
+# --- the machine --------------------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, dtype: torch.dtype, peak_kind: str) -> dict:
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        where = name
+        threads = None
+    else:
+        name, threads = _cpu_name(), torch.get_num_threads()
+        where = f"{name}, {threads} threads"
+    info = {"device": device.type, "name": name, "threads": threads, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "dtype": str(dtype).removeprefix("torch."), "kernels": "off", "peak_memory": peak_kind}
+    info["line"] = (f"{where} · torch {info['torch']} · transformers {info['transformers']} · {info['dtype']} · "
+                    f"kernels {info['kernels']}")
+    return info
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """What is measured: a model (and its tokenizer, when it has one) on a device."""
+
+    model: object
+    name: str
+    loaded: object | None  # qjl.models.LoadedModel: tokenizer and Session for quality; None for shapes
+    max_positions: int
+    device: torch.device
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device_dtype(settings: BenchSettings) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if settings.dtype:
+        dtype = getattr(torch, settings.dtype)
+    else:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return device, dtype
+
+
+def geometry_for(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> tuple[Geometry, int]:
+    """(geometry, max positions) of what is to be measured, from its config alone (no weights loaded)."""
+    if settings.shape:
+        shape = check_shape(settings.shape)
+        return Geometry.of_config(_AttrDict(shape.config_kwargs())), shape.max_positions
+    from transformers import AutoConfig
+
+    from ..models import resolve_model
+
+    _, source = resolve_model(settings.model, progress)
+    cfg = AutoConfig.from_pretrained(source)
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    return Geometry.of_config(cfg), int(getattr(cfg, "max_position_embeddings", 0) or 0)
+
+
+class _AttrDict(dict):
+    __getattr__ = dict.get
+
+
+def check_fits(settings: BenchSettings, geom: Geometry) -> None:
+    """BenchError before anything is allocated when a row would not fit in memory."""
+    device, dtype = resolve_device_dtype(settings)
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = torch.cuda.get_device_name(device)
+    else:
+        free, where = available_bytes(), "this machine"
+    check_memory(geom, settings.contexts, settings.modes, settings.prefill_chunk, dtype_bytes, free, where)
+
+
+def load_target(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> Target:
+    device, dtype = resolve_device_dtype(settings)
+    if settings.shape:
+        from .shapes import synthetic_model
+
+        model, name = synthetic_model(settings.shape, device, dtype, settings.seed)
+        return Target(model, name, None, SHAPES[settings.shape].max_positions, device, dtype)
+    from ..models import load_model
+
+    loaded = load_model(settings.model, dtype=dtype, device=str(device), progress=progress)
+    return Target(loaded.model, loaded.name, loaded, loaded.context_length, device, dtype)
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+def _median_range(values: list[float | None]) -> tuple[float | None, list[float] | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.median(vals), [min(vals), max(vals)]
+
+
+def _random_ids(n: int, vocab: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(min(100, vocab - 1), vocab, (1, n), generator=gen).to(device)
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """row["vs_exact"][f] = row[f] / exact[f] for the exact row of the same context, from the same floats."""
+    exact = {r["context"]: r for r in rows if r["mode"] == "exact" and r["status"] == "ok"}
+    for row in rows:
+        ref = exact.get(row["context"])
+        if row["status"] != "ok" or ref is None:
+            row["vs_exact"] = None
+            continue
+        row["vs_exact"] = {f: (row[f] / ref[f] if row.get(f) is not None and ref.get(f) else None)
+                           for f in RATIO_FIELDS}
+
+
+def _work(settings: BenchSettings, target: Target, runnable: list[str]) -> float:
+    per_run = sum(c + (settings.steps + 2 + settings.question_tokens) * _STEP_WEIGHT for c in settings.contexts)
+    total = len(runnable) * (settings.repeat * per_run + settings.warmup_context)
+    if settings.quality and target.loaded is not None:
+        for c in settings.contexts:
+            if c <= target.max_positions:
+                n = min(c, target.max_positions)
+                total += n + len(runnable) * n * (1 + len(settings.depths))
+    return float(total)
+
+
+def run_bench(settings: BenchSettings, target: Target, reporter: Reporter | None = None,
+              command: str | None = None) -> dict:
+    """Measure every (mode, context) of settings on target; returns {"schema", "machine", "settings", "rows"}."""
+    from .peers import make_mode_cache
+    from .speed import PeakMemory, measure_once
+
+    rep = reporter or _Quiet()
+    model, device = target.model, target.device
+    torch.set_grad_enabled(False)
+    skipped = {m: MODES[m].missing() for m in settings.modes}
+    runnable = [m for m in settings.modes if skipped[m] is None]
+    vocab = int(model.config.vocab_size)
+    rep.start(_work(settings, target, runnable))
+    question = _random_ids(settings.question_tokens, vocab, settings.seed + 1, device)
+
+    def factory(mode: str):
+        return lambda: make_mode_cache(model.config, mode)
+
+    # Warm-up: every mode once at a short context (imports, allocator, first-call paths), not recorded.
+    for mode in runnable:
+        rep.stage(f"warm-up {mode}")
+        n = min(settings.warmup_context, min(settings.contexts))
+        measure_once(model, factory(mode), _random_ids(n, vocab, settings.seed, device), question, 2,
+                     settings.prefill_chunk)
+        rep.advance(settings.warmup_context)
+
+    rows: list[dict] = []
+    haystack = None
+    for context in settings.contexts:
+        ids = _random_ids(context, vocab, settings.seed, device)
+        runs: dict[str, list[dict]] = {m: [] for m in runnable}
+        for r in range(settings.repeat):
+            for mode in runnable:
+                rep.stage(f"{mode} @ {context:,} tokens, round {r + 1}/{settings.repeat}")
+                t0 = time.perf_counter()
+                res = measure_once(model, factory(mode), ids, question, settings.steps, settings.prefill_chunk,
+                                   on_tokens=rep.advance)
+                res["seconds"] = time.perf_counter() - t0
+                runs[mode].append(res)
+                rep.advance((settings.steps + 2 + settings.question_tokens) * _STEP_WEIGHT)
+        quality, needles, qnote = _quality_for(settings, target, context, runnable, rep)
+        for mode in settings.modes:
+            spec = MODES[mode]
+            row = {"mode": mode, "context": context, "description": spec.description}
+            if skipped[mode]:
+                row.update(status="skipped", note=skipped[mode])
+                rows.append(row)
+                rep.row(row)
+                continue
+            mr = runs[mode]
+            first = mr[0]
+            row.update(status="ok", note=None, document_tokens=first["document_tokens"],
+                       bits_per_number=first["bits_per_number"], kv_bytes=first["kv_bytes"],
+                       fp16_bytes=first["fp16_bytes"], kv_vs_fp16=first["kv_bytes"] / first["fp16_bytes"])
+            for f in TIMED_FIELDS:
+                row[f], row[f + "_range"] = _median_range([x[f] for x in mr])
+            row["runs"] = mr
+            row["quality"] = quality.get(mode)
+            row["needle"] = needles.get(mode)
+            row["quality_note"] = qnote
+            rows.append(row)
+            rep.row(row)
+    _add_ratios(rows)
+    peak_kind = PeakMemory(device).kind
+    return {"schema": SCHEMA_VERSION, "machine": machine_info(device, target.dtype, peak_kind),
+            "settings": {**settings.to_dict(), "model_name": target.name, "max_positions": target.max_positions,
+                         "command": command}, "rows": rows}
+
+
+def _quality_for(settings: BenchSettings, target: Target, context: int, modes: list[str],
+                 rep: Reporter) -> tuple[dict, dict, str | None]:
+    """({mode: quality dict}, {mode: needle dict}, note when not applicable) at one context."""
+    if not settings.quality:
+        return {}, {}, None
+    if target.loaded is None:
+        return {}, {}, "n/a: random weights (quality needs a trained model)"
+    if context > target.max_positions:
+        return {}, {}, (f"n/a: {context:,} tokens is beyond the model's {target.max_positions:,}-token context "
+                        f"(speed and memory are still measured)")
+    from .haystack import NEEDLE_MARGIN, needle
+    from .peers import make_mode_cache
+    from .perplexity import essays_text, exact_logprobs, quality_of
+
+    model, tok = target.model, target.loaded.tokenizer
+    text = essays_text()
+    ids = tok(text[: context * 8], return_tensors="pt", add_special_tokens=False)["input_ids"][:, :context]
+    ids = ids.to(target.device)
+    rep.stage(f"quality @ {context:,}: exact reference pass")
+    reference = exact_logprobs(model, ids)
+    rep.advance(context)
+    quality = {}
+    for mode in modes:
+        rep.stage(f"quality @ {context:,}: {mode}, teacher-forced")
+        quality[mode] = quality_of(model, ids, lambda m=mode: make_mode_cache(model.config, m), reference,
+                                   settings.score_from, settings.quality_chunk)
+        rep.advance(context)
+    del reference
+    length = min(context, target.max_positions - NEEDLE_MARGIN)
+    found: dict[str, list[dict]] = {m: [] for m in modes}
+    configs = {m: (lambda cfg, m=m: make_mode_cache(cfg, m)) for m in modes}
+
+    def on_row(row: dict) -> None:
+        found[row["config"]].append({"depth": row["depth"], "found": row["found"], "answer": row["answer"]})
+        rep.advance(length)
+        rep.stage(f"needle @ {length:,}: {row['config']} depth {row['depth']:.0%}")
+
+    needle(target.loaded, configs, [length], list(settings.depths), trials=1, seed=settings.seed,
+           on_row=on_row, haystack=text)
+    needles = {m: {"hits": sum(t["found"] for t in found[m]), "trials": len(found[m]), "length": length,
+                   "trials_detail": found[m]} for m in modes}
+    return quality, needles, None
+
+
+def describe_command(argv: list[str] | None = None) -> str:
+    return " ".join(["qjl", *(argv if argv is not None else sys.argv[1:])])

@@ -1,0 +1,151 @@
+"""Speed and memory of one cache at one context: prefill, first token of a question, decode, peak memory."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import time
+from typing import Callable
+
+import torch
+
+from ..cache import make_cache
+from ..config import QJLConfig
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- memory ------------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def _release_cpu_memory() -> None:
+    gc.collect()
+    try:  # hand freed heap pages back to the OS, so the next row's RSS growth starts from what is really held
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a block above its start: allocated bytes on CUDA; resident set (RSS) on the CPU, from
+    /proc/self/status after resetting its high-water mark (VmHWM) through /proc/self/clear_refs."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda peak allocated" if device.type == "cuda" else "peak RSS growth"
+        self.start = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            _release_cpu_memory()
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.start = (_status_kib("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def peak(self) -> int | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.start
+        hwm = _status_kib("VmHWM")
+        return None if hwm is None else max(0, hwm * 1024 - self.start)
+
+
+# --- one measurement ---------------------------------------------------------------------------------------
+@torch.inference_mode()
+def measure_once(model, make: Callable[[], object], ids: torch.Tensor, question: torch.Tensor, steps: int,
+                 chunk: int, on_tokens: Callable[[int], None] | None = None) -> dict:
+    """Prefill ids [1, T] (`chunk` at a time) into make()'s cache, freeze it as the document, then time a
+    question's prefill up to its first token and `steps` greedy decode steps after one untimed step.
+
+    The cache's own accounting gives bits per number and bytes. Returns plain numbers (seconds, bytes)."""
+    device = ids.device
+    context = ids.shape[1]
+    with PeakMemory(device) as mem:
+        cache = make()
+        sync(device)
+        t0 = time.perf_counter()
+        for start in range(0, context, chunk):
+            model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if on_tokens:
+                on_tokens(min(chunk, context - start))
+        sync(device)
+        prefill_s = time.perf_counter() - t0
+        cache.freeze_document()
+        out = {"document_tokens": cache.document_tokens, "kv_bytes": cache.document_nbytes(),
+               "fp16_bytes": cache.fp16_nbytes(), "bits_per_number": cache.bits_per_number()}
+        t0 = time.perf_counter()
+        logits = model(input_ids=question, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+        sync(device)
+        first_token_s = time.perf_counter() - t0
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # untimed
+        token = logits[:, -1:].argmax(-1)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            token = logits[:, -1:].argmax(-1)
+        sync(device)
+        decode_s = time.perf_counter() - t0
+        peak = mem.peak()
+    del cache, logits
+    out.update(prefill_s=prefill_s, prefill_tokens_per_s=context / prefill_s, first_token_s=first_token_s,
+               decode_ms_per_token=1000 * decode_s / steps if steps else float("nan"), peak_memory_bytes=peak)
+    return out
+
+
+@torch.inference_mode()
+def decode_speed(model, context: int, config: QJLConfig, steps: int = 32, vocab_limit: int = 1000,
+                 seed: int = 0, prefill_chunk: int | None = None) -> dict:
+    """Prefill `context` random tokens (`prefill_chunk` at a time), then time `steps` greedy decode steps."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = torch.randint(100, vocab_limit, (1, context), generator=gen).to(device)
+    cache = make_cache(model.config, config)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    chunk = prefill_chunk or context
+    t0 = time.perf_counter()
+    for start in range(0, context, chunk):
+        logits = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+    sync(device)
+    prefill_s = time.perf_counter() - t0
+    cache.freeze_document()
+    token = logits[:, -1:].argmax(-1)
+    model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up step
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+    sync(device)
+    ms = 1000 * (time.perf_counter() - t0) / steps
+    out = {"kv": config.kv, "context": context, "decode_ms_per_token": ms, "prefill_s": prefill_s,
+           "prefill_tokens_per_s": context / prefill_s}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
