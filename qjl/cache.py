@@ -16,35 +16,16 @@ itself exactly and its K/V are compressed as soon as that layer is done with the
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .codecs import ATTENTION_OPS, make_codecs
 from .config import ConfigError, QJLConfig
-from .keys import QJLKeys
-from .turbo import TurboKeys, TurboValues
-from .values import QuantValues
+from .exact import DocumentSizes, ExactCache, kv_geometry, tensor_bytes
 
-# Per-model matrices a codec's params() may hold (each codec names its own in shared_seeds()): shared by the
-# layers of a class, counted (and stored) once per seed, never per layer.
-SHARED_PARAMS = ("projection", "rotation", "value_rotation")
 COMPRESSED_MODES = ("qjl", "turbo")
-
-
-def make_codecs(config: QJLConfig, layer_idx: int, head_dim: int):
-    """(key codec, value codec) of a layer for config.kv: the only place that branches on the mode."""
-    if config.kv == "turbo":
-        return TurboKeys.for_layer(config, layer_idx, head_dim), TurboValues.for_layer(config, layer_idx, head_dim)
-    return QJLKeys.for_layer(config, layer_idx, head_dim), QuantValues.for_layer(config, layer_idx, head_dim)
-
-
-def shared_seeds(layer) -> dict[str, int]:
-    """{name: seed} of the per-model matrices a layer's two codecs hold (names are unique across the pair)."""
-    return {**layer.key_codec.shared_seeds(), **layer.value_codec.shared_seeds()}
-
-
-def set_shared(layer, name: str, matrix: torch.Tensor) -> None:
-    """Give the codec that declares `name` among its shared matrices this one (from a cache file)."""
-    codec = layer.key_codec if name in layer.key_codec.shared_seeds() else layer.value_codec
-    codec.set_shared(name, matrix)
+_EXACT_NAMES = ("sink_keys", "sink_values", "window_keys", "window_values")
+# Names of the per-model matrices (QJLLayer.shared_matrices), which document_tensors() leaves out.
+SHARED_PARAMS = ("projection", "rotation", "value_rotation")
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None, dim: int = 2) -> torch.Tensor | None:
@@ -61,10 +42,6 @@ def _cat_states(a: dict | None, b: dict) -> dict:
 
 def _state_bytes(state: dict | None) -> int:
     return 0 if state is None else sum(t.numel() * t.element_size() for t in state.values())
-
-
-def _tensor_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
 
 
 class QJLLayer(CacheLayerMixin):
@@ -140,6 +117,14 @@ class QJLLayer(CacheLayerMixin):
         v = torch.cat([t.to(dtype) for t in parts_v], dim=2) if len(parts_v) > 1 else parts_v[0].to(dtype)
         return k, v
 
+    def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of q [B, Hq, L, D] (the last L exact tokens) over every token of this layer, compressed
+        ones included, by the mode's fused op (qjl/ops/attention.py) -> [B, Hq, L, D] in q's dtype."""
+        ks = [t for t in (self.sink_k, self.window_k, self.tail_k) if t is not None]
+        vs = [t for t in (self.sink_v, self.window_v, self.tail_v) if t is not None]
+        args = self.key_codec.op_args(self.key_state) | self.value_codec.op_args(self.value_state)
+        return ATTENTION_OPS[self.config.kv](q, ks, vs, scaling=scaling, **args)
+
     def compress_excess(self, query: torch.Tensor | None = None) -> None:
         """Move whole groups from the front of the window into the compressed part, keeping `buffer` exact.
 
@@ -186,15 +171,27 @@ class QJLLayer(CacheLayerMixin):
     def rollback(self) -> None:
         self.tail_k = self.tail_v = None
 
+    # --- the document's tensors: what cache files hold ---------------------------------------
+    def _codecs(self):
+        return (self.key_codec, self.value_codec)
+
+    def shared_matrices(self) -> dict[str, tuple[int, torch.Tensor]]:
+        """{name: (seed, matrix)} of the per-model matrices this layer's codecs hold (projection, rotations):
+        the same for every layer of a class, so they are stored and counted once per seed."""
+        out = {}
+        for codec in self._codecs():
+            params = codec.params()
+            out.update({name: (seed, params[name]) for name, seed in codec.shared_seeds().items()})
+        return out
+
+    def _own_params(self) -> dict[str, torch.Tensor]:
+        shared = self.shared_matrices()
+        return {n: t for codec in self._codecs() for n, t in codec.params().items() if n not in shared}
+
     def document_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the document segment of this layer, by name (what a cache file stores)."""
-        out: dict[str, torch.Tensor] = {}
-        for name, t in (self.key_state or {}).items():
-            out[name] = t
-        for name, t in (self.value_state or {}).items():
-            out[name] = t
-        for name, t in {**self.key_codec.params(), **self.value_codec.params()}.items():
-            out[name] = t
+        """Every tensor of this layer's document segment by name, less the shared matrices: codec states, the
+        codecs' own parameters (e.g. `key_head_outliers`), sink and window."""
+        out: dict[str, torch.Tensor] = {**(self.key_state or {}), **(self.value_state or {}), **self._own_params()}
         if self.sink_k is not None:
             out["sink_keys"], out["sink_values"] = self.sink_k, self.sink_v
         if self.window_k is not None:
@@ -203,27 +200,65 @@ class QJLLayer(CacheLayerMixin):
             out["window_keys"], out["window_values"] = self.sink_k[:, :, :0], self.sink_v[:, :, :0]
         return out
 
-    def document_nbytes(self, count_projection: bool = True) -> int:
-        total = _state_bytes(self.key_state) + _state_bytes(self.value_state)
-        total += _tensor_bytes(self.window_k) + _tensor_bytes(self.window_v)
-        total += _tensor_bytes(self.sink_k) + _tensor_bytes(self.sink_v)
-        for name, t in {**self.key_codec.params(), **self.value_codec.params()}.items():
-            if name not in SHARED_PARAMS or count_projection:
-                total += _tensor_bytes(t)
+    def expected_tensors(self, batch: int, n_compressed: int, n_sink: int, n_window: int,
+                         storage_dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """{name: (dtype, shape)} that document_tensors() has for these token counts (the codecs' specs)."""
+        out: dict[str, tuple] = {}
+        if n_compressed:
+            for codec in self._codecs():
+                out |= codec.state_spec(batch, self.num_kv_heads, n_compressed)
+                out |= codec.param_spec(batch, self.num_kv_heads)
+        if n_sink:
+            out["sink_keys"] = out["sink_values"] = (storage_dtype, (batch, self.num_kv_heads, n_sink, self.head_dim))
+        out["window_keys"] = out["window_values"] = (storage_dtype, (batch, self.num_kv_heads, n_window,
+                                                                     self.head_dim))
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
+                     dtype: torch.dtype | None = None) -> None:
+        """Fill this (new) layer with a frozen document: `tensors` as document_tensors() gave them (checked
+        against expected_tensors), `shared` the per-model matrices by name. The file's matrices are used,
+        never the RNG's."""
+        params = set()
+        for codec in self._codecs():
+            for name in codec.shared_seeds():
+                codec.set_shared(name, shared[name])
+            spec = codec.param_spec(1, 1)
+            codec.set_params({n: t for n, t in tensors.items() if n in spec})
+            params |= set(spec)
+        states = {n: t for n, t in tensors.items() if n not in params and n not in _EXACT_NAMES}
+        self.key_state = {n: t for n, t in states.items() if n.startswith("key_")} or None
+        self.value_state = {n: t for n, t in states.items() if n.startswith("value_")} or None
+        self.n_compressed = 0 if self.key_state is None else int(self.key_state["key_norms"].shape[2])
+        self.window_k, self.window_v = tensors["window_keys"], tensors["window_values"]
+        self.sink_k, self.sink_v = tensors.get("sink_keys"), tensors.get("sink_values")
+        self.storage_dtype = self.window_k.dtype
+        self.dtype, self.device = dtype or self.storage_dtype, self.window_k.device
+        self.is_initialized = True
+        self.freeze()
+
+    @classmethod
+    def from_tensors(cls, config: QJLConfig, geometry: tuple[int, int, int], layer_idx: int,
+                     tensors: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
+                     dtype: torch.dtype | None = None) -> "QJLLayer":
+        """The frozen layer `tensors` (document_tensors() of a layer) and `shared` describe."""
+        _, n_kv, head_dim = geometry
+        layer = cls(config, layer_idx, head_dim, n_kv)
+        layer.load_tensors(tensors, shared, dtype)
+        return layer
+
+    # --- accounting -------------------------------------------------------------------------
+    def document_nbytes(self, count_shared: bool = True) -> int:
+        total = sum(tensor_bytes(t) for t in self.document_tensors().values())
+        if count_shared:
+            total += sum(tensor_bytes(t) for _, t in self.shared_matrices().values())
         return total
 
     def document_length(self) -> int:
         return self.n_compressed + sum(0 if t is None else t.shape[2] for t in (self.sink_k, self.window_k))
 
 
-def kv_geometry(model_config) -> tuple[int, int, int]:
-    """(layers, KV heads, head_dim) of a transformers config: what shapes a KV cache."""
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    n_kv = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    return int(model_config.num_hidden_layers), int(n_kv), int(head_dim)
-
-
-class QJLCache(Cache):
+class QJLCache(DocumentSizes, Cache):
     """A transformers Cache whose layers keep K/V compressed; use with attn_implementation="qjl"."""
 
     def __init__(self, model_config, config: QJLConfig | None = None):
@@ -255,60 +290,12 @@ class QJLCache(Cache):
     # --- accounting -----------------------------------------------------------------------
     def document_nbytes(self) -> int:
         """All bytes of the document segment, projections and rotations counted once per distinct matrix."""
-        total = sum(layer.document_nbytes(count_projection=False) for layer in self.layers)
-        seen = {}
-        for layer in self.layers:
-            params = {**layer.key_codec.params(), **layer.value_codec.params()}
-            for name, seed in shared_seeds(layer).items():
-                p = params[name]
-                seen[(name, seed, tuple(p.shape))] = _tensor_bytes(p)
-        return total + sum(seen.values())
+        total = sum(layer.document_nbytes(count_shared=False) for layer in self.layers)
+        return total + sum(tensor_bytes(t) for t in self.shared_matrices().values())
 
-    def bits_per_number(self) -> float:
-        """8 * bytes held for the document / (2 * tokens * layers * kv_heads * head_dim) (DESIGN.md §3)."""
-        tokens = self.document_tokens
-        if tokens == 0:
-            return 0.0
-        numbers = 2 * tokens * self.num_layers * self.num_kv_heads * self.head_dim
-        return 8 * self.document_nbytes() / numbers
-
-    def fp16_nbytes(self) -> int:
-        """What a 16-bit cache of the same document tokens would take."""
-        return 2 * 2 * self.document_tokens * self.num_layers * self.num_kv_heads * self.head_dim
-
-
-class ExactCache(DynamicCache):
-    """--kv exact: transformers' ordinary cache with QJLCache's document/tail interface, so the session and the
-    benchmarks treat every mode alike. The document is everything cached up to `freeze_document`; rollback
-    crops back to it."""
-
-    def __init__(self, model_config, config: QJLConfig | None = None):
-        super().__init__(config=model_config)
-        self.config = config or QJLConfig(kv="exact")
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model_config)
-        self._document_tokens: int | None = None
-
-    def freeze_document(self) -> None:
-        self._document_tokens = self.get_seq_length()
-
-    def rollback(self) -> None:
-        extra = self.get_seq_length() - self.document_tokens
-        if extra > 0:
-            self.crop(-extra)
-
-    @property
-    def document_tokens(self) -> int:
-        return self.get_seq_length() if self._document_tokens is None else self._document_tokens
-
-    def document_nbytes(self) -> int:
-        """Bytes of the document's keys and values (in the model's dtype: 32 bits a number for an fp32 model)."""
-        total = self.get_seq_length()
-        held = sum(_tensor_bytes(t) for layer in self.layers for t in (layer.keys, layer.values)
-                   if isinstance(t, torch.Tensor))
-        return held * self.document_tokens // total if total else 0
-
-    bits_per_number = QJLCache.bits_per_number
-    fp16_nbytes = QJLCache.fp16_nbytes
+    def shared_matrices(self) -> dict[str, torch.Tensor]:
+        """Every distinct per-model matrix, by its cache-file name `{name}s.{seed}` (e.g. `rotations.2`)."""
+        return {f"{name}s.{seed}": t for layer in self.layers for name, (seed, t) in layer.shared_matrices().items()}
 
 
 def make_cache(model_config, config: QJLConfig):

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from .errors import ConfigError  # noqa: F401 - re-exported
 
 KV_MODES = ("qjl", "turbo", "exact")
+# Seeds of the per-model matrices: config.seed * 1000 + the role's number, so every matrix of a model has its own
+# seed and equal configs draw equal matrices (cache files store the matrices anyway).
+MATRIX_ROLES = {"early_projection": 0, "projection": 1, "key_rotation": 2, "key_residual": 3, "value_rotation": 4}
 
 
 
@@ -143,6 +146,10 @@ class QJLConfig:
             raise ConfigError(f"turbo_outlier_fraction {self.turbo_outlier_fraction} leaves no channel of {head_dim} "
                               f"to rotate")
         return r
+
+    def matrix_seed(self, role: str) -> int:
+        """The seed of a per-model matrix (MATRIX_ROLES)."""
+        return self.seed * 1000 + MATRIX_ROLES[role]
 
     def outliers(self, head_dim: int) -> int:
         return int(round(self.outlier_fraction * head_dim))

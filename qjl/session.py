@@ -210,7 +210,8 @@ class Session:
         """Write the document segment (a frozen --kv qjl cache) to a .qjl file; returns its path."""
         from .store import save_cache
 
-        return save_cache(path, self, source_info)
+        return save_cache(path, self.cache, model_name=self.loaded.name, identity=self.loaded.identity,
+                          suffix_template=self.suffix_template, source=source_info)
 
     def load_cache(self, path, max_new_tokens: int = 256) -> DocumentStats:
         """Answer from a saved .qjl file instead of a prefill: cache, settings and prompt template come from it.

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+from .ops import pack_codes, unpack_codes
 
 
 @functools.lru_cache(maxsize=64)
@@ -53,35 +53,12 @@ def sign_estimator_scale(m: int, d: int) -> float:
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """bool [..., n] (n multiple of 8) -> uint8 [..., n/8], bit j of byte i is bits[8i + j]."""
-    *lead, n = bits.shape
-    if n % 8:
-        raise ValueError(f"cannot pack {n} bits into whole bytes")
-    b = bits.reshape(*lead, n // 8, 8).to(torch.uint8)
-    return (b * _BIT_WEIGHTS.to(b.device)).sum(dim=-1, dtype=torch.uint8)
+    """bool [..., n] (n multiple of 8) -> uint8 [..., n/8], bit j of byte i is bits[8i + j] (1-bit pack_codes)."""
+    if bits.shape[-1] % 8:
+        raise ValueError(f"cannot pack {bits.shape[-1]} bits into whole bytes")
+    return pack_codes(bits.to(torch.uint8), 1)
 
 
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., n/8] -> bool [..., n]; the inverse of pack_bits."""
-    w = _BIT_WEIGHTS.to(packed.device)
-    bits = (packed.unsqueeze(-1) & w) != 0
-    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
-
-
-def byte_sign_table(proj: torch.Tensor) -> torch.Tensor:
-    """Per byte of sign bits, the sum of +-proj over its 8 bits, for all 256 byte values.
-
-    proj: [..., m] float -> table [..., m/8, 256] with
-    table[..., i, b] = sum_j (+1 if bit j of b else -1) * proj[..., 8i + j].
-    Scoring a packed key is then m/8 table look-ups instead of m multiply-adds.
-    """
-    *lead, m = proj.shape
-    p = proj.reshape(*lead, m // 8, 8)
-    return p @ _byte_signs(str(proj.device), proj.dtype)  # [..., m/8, 256]
-
-
-@functools.lru_cache(maxsize=16)
-def _byte_signs(device: str, dtype: torch.dtype) -> torch.Tensor:
-    """[8, 256]: entry (j, b) is +1 if bit j of byte b is set, else -1."""
-    bits = unpack_bits(torch.arange(256, dtype=torch.uint8).unsqueeze(-1))  # [256, 8]
-    return (bits.to(dtype) * 2 - 1).T.contiguous().to(device)
+    return unpack_codes(packed, 1).bool()

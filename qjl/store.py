@@ -1,4 +1,4 @@
-"""Cache files: the document segment of a frozen QJLCache as one safetensors file (DESIGN.md §6).
+"""Cache files: the document segment of a frozen QJLCache as one safetensors file (docs/ARCHITECTURE.md).
 
 Layout of a `.qjl` file:
   tensors   `layers.{i}.{name}` for every document tensor of layer i (codec states, exact window,
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import COMPRESSED_MODES, SHARED_PARAMS, QJLCache, kv_geometry, make_codecs, set_shared, shared_seeds
+from .cache import COMPRESSED_MODES, QJLCache, kv_geometry
 from .config import QJLConfig
 from .errors import CacheFileError  # noqa: F401 - re-exported
 
@@ -35,8 +35,6 @@ FORMAT_NAME = "qjl-cache"
 FORMAT_VERSION = "3"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook
 # Written in pieces so a huge cache never needs a second copy in a single write call.
 _CHUNK_BYTES = 1 << 20
-_WINDOW_NAMES = ("window_keys", "window_values")
-_PARAM_NAMES = ("projection", "rotation", "key_mean", "key_head_outliers")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -65,16 +63,11 @@ def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _file_tensors(cache: QJLCache) -> dict[str, torch.Tensor]:
-    """Every tensor a file stores, by file name, on the CPU and contiguous."""
-    out: dict[str, torch.Tensor] = {}
-    for layer in cache.layers:
-        seeds = shared_seeds(layer)
-        for name, t in layer.document_tensors().items():
-            if name in SHARED_PARAMS:  # once per seed: projections.{seed}, rotations.{seed}
-                out.setdefault(f"{name}s.{seeds[name]}", t.detach().cpu().contiguous().clone())
-            else:
-                out[f"layers.{layer.layer_idx}.{name}"] = t.detach().cpu().contiguous().clone()
-    return out
+    """Every tensor a file stores, by file name (`layers.{i}.{name}`, and each shared matrix once), on the CPU."""
+    out = {f"layers.{layer.layer_idx}.{name}": t for layer in cache.layers
+           for name, t in layer.document_tensors().items()}
+    out.update(cache.shared_matrices())
+    return {name: t.detach().cpu().contiguous().clone() for name, t in out.items()}
 
 
 # --- save ------------------------------------------------------------------------------------------
@@ -151,11 +144,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_cache(path: str | os.PathLike, session, source_info: dict | None = None) -> Path:
-    """Save the document segment of `session` (a Session whose cache is a frozen QJLCache) to `path`."""
-    cache = session.cache
-    meta = cache_metadata(cache, model_name=session.loaded.name, identity=session.loaded.identity,
-                          suffix_template=session.suffix_template, source=source_info)
+def save_cache(path: str | os.PathLike, cache: QJLCache, *, model_name: str, identity: str, suffix_template: str,
+               source: dict | None = None) -> Path:
+    """Save the document segment of a frozen QJLCache to `path`, with what a later load checks it against."""
+    meta = cache_metadata(cache, model_name=model_name, identity=identity, suffix_template=suffix_template,
+                          source=source)
     return write_cache_file(path, _file_tensors(cache), meta)
 
 
@@ -222,27 +215,26 @@ def _parse_config(meta: dict, path: Path) -> QJLConfig:
     return config
 
 
-def _expected_layer(config: QJLConfig, layer_idx: int, head_dim: int, n_kv: int, batch: int,
-                    n_compressed: int, n_sink: int, n_window: int, storage_dtype: torch.dtype) -> dict[str, tuple]:
-    """{name: (dtype, shape)} a layer's document tensors must have; found by encoding one probe group."""
-    out: dict[str, tuple] = {}
-    keys, values = make_codecs(config, layer_idx, head_dim)
-    G = config.group_size
-    if n_compressed:
-        with torch.no_grad():
-            probe = torch.randn(batch, n_kv, G, head_dim, generator=torch.Generator().manual_seed(0))
-            states = {**keys.encode(probe), **values.encode(probe)}
-        for name, t in states.items():  # every state's dim 2 grows by the same amount per group
-            shape = list(t.shape)
-            shape[2] = shape[2] * (n_compressed // G)
-            out[name] = (t.dtype, tuple(shape))
-        for name, t in {**keys.params(), **values.params()}.items():
-            if name not in SHARED_PARAMS:
-                out[name] = (t.dtype, tuple(t.shape))
-    if n_sink:
-        out["sink_keys"] = out["sink_values"] = (storage_dtype, (batch, n_kv, n_sink, head_dim))
-    out["window_keys"] = out["window_values"] = (storage_dtype, (batch, n_kv, n_window, head_dim))
-    return out
+def _check_tensors(tensors: dict, expected: dict, head_dim: int, path: Path) -> None:
+    """The file's tensors are exactly the expected ones, each of its dtype and shape, and no index in them
+    points outside a head (gather would then fail on a forged file)."""
+    if set(tensors) != set(expected):
+        extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+        what = f"unexpected tensor {extra[0]}" if extra else f"missing tensor {missing[0]}"
+        raise CacheFileError(f"{path}: {what}; the file does not match its settings, save the document again")
+    for name, (want_dtype, want_shape) in expected.items():
+        t = tensors[name]
+        if t.dtype != want_dtype or tuple(t.shape) != want_shape:
+            raise CacheFileError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} "
+                                 f"{want_shape}; the file does not match the model, save the document again")
+    for name, t in tensors.items():
+        if name.endswith(("key_head_outliers", "key_outlier_index")) and t.numel():
+            if int(t.min()) < 0 or int(t.max()) >= head_dim:
+                raise CacheFileError(f"{path}: tensor {name} holds channel numbers outside 0..{head_dim - 1}; "
+                                     f"the file is corrupted, save the document again")
+            if name.endswith("key_head_outliers") and t.shape[-1] > 1 and not bool((t.diff(dim=-1) > 0).all()):
+                raise CacheFileError(f"{path}: tensor {name} repeats or disorders its channels; the file is "
+                                     f"corrupted, save the document again")
 
 
 def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_name: str = "this model",
@@ -285,57 +277,20 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
         raise CacheFileError(f"{path}: the exact window is {storage_dtype} for {batch} documents; the file is "
                              f"corrupted, save it again")
 
-    expected: dict[str, tuple] = {}
-    seeds = {}
-    for i in range(n_layers):
-        for name, spec in _expected_layer(config, i, head_dim, n_kv, batch, n_compressed[i], n_sink,
-                                          tokens - n_compressed[i] - n_sink, storage_dtype).items():
-            expected[f"layers.{i}.{name}"] = spec
-        kcodec, vcodec = make_codecs(config, i, head_dim)
-        seeds[i] = {**kcodec.shared_seeds(), **vcodec.shared_seeds()}
-        params = {**kcodec.params(), **vcodec.params()}
-        for name, seed in seeds[i].items():
-            expected[f"{name}s.{seed}"] = (torch.float32, tuple(params[name].shape))
-    if set(tensors) != set(expected):
-        extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
-        what = f"unexpected tensor {extra[0]}" if extra else f"missing tensor {missing[0]}"
-        raise CacheFileError(f"{path}: {what}; the file does not match its settings, save the document again")
-    for name, (want_dtype, want_shape) in expected.items():
-        t = tensors[name]
-        if t.dtype != want_dtype or tuple(t.shape) != want_shape:
-            raise CacheFileError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} "
-                                 f"{want_shape}; the file does not match the model, save the document again")
-
-    for name, t in tensors.items():  # indices a forged file could aim outside a head (gather would then fail)
-        if name.endswith(("key_head_outliers", "key_outlier_index")) and t.numel():
-            if int(t.min()) < 0 or int(t.max()) >= head_dim:
-                raise CacheFileError(f"{path}: tensor {name} holds channel numbers outside 0..{head_dim - 1}; "
-                                     f"the file is corrupted, save the document again")
-            if name.endswith("key_head_outliers") and t.shape[-1] > 1 and not bool((t.diff(dim=-1) > 0).all()):
-                raise CacheFileError(f"{path}: tensor {name} repeats or disorders its channels; the file is "
-                                     f"corrupted, save the document again")
+    cache = QJLCache(model_config, config)
+    expected: dict[str, tuple] = {name: (torch.float32, tuple(t.shape)) for name, t in cache.shared_matrices().items()}
+    for i, layer in enumerate(cache.layers):
+        spec = layer.expected_tensors(batch, n_compressed[i], n_sink, tokens - n_compressed[i] - n_sink, storage_dtype)
+        expected.update({f"layers.{i}.{name}": s for name, s in spec.items()})
+    _check_tensors(tensors, expected, head_dim, path)
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    cache = QJLCache(model_config, config)
-    shared = {f"{name}s.{seed}": tensors[f"{name}s.{seed}"].to(device)
-              for layer_seeds in seeds.values() for name, seed in layer_seeds.items()}
+    shared = {name: tensors[name].to(device) for name in cache.shared_matrices()}
     for i, layer in enumerate(cache.layers):
-        own = {name[len(f"layers.{i}."):]: t.to(device) for name, t in tensors.items()
-               if name.startswith(f"layers.{i}.")}
-        for name, seed in seeds[i].items():  # the file's matrices, never the RNG's
-            set_shared(layer, name, shared[f"{name}s.{seed}"])
-        layer.key_codec.set_params({n: t for n, t in own.items() if n in _PARAM_NAMES})
-        if n_compressed[i]:
-            layer.key_state = {n: t for n, t in own.items() if n.startswith("key_") and n not in _PARAM_NAMES}
-            layer.value_state = {n: t for n, t in own.items() if n.startswith("value_")}
-        layer.window_k, layer.window_v = own["window_keys"], own["window_values"]
-        layer.sink_k, layer.sink_v = own.get("sink_keys"), own.get("sink_values")
-        layer.n_compressed = n_compressed[i]
-        layer.storage_dtype = storage_dtype
-        layer.dtype = dtype or storage_dtype
-        layer.device = device
-        layer.is_initialized = True
-        layer.freeze()
+        prefix = f"layers.{i}."
+        own = {name[len(prefix):]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
+        layer.load_tensors(own, {n: shared[f"{n}s.{seed}"] for n, (seed, _) in layer.shared_matrices().items()},
+                           dtype)
     info = _public_meta(meta, path)
     try:
         info["suffix_template"].format(question="?")

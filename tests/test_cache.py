@@ -148,9 +148,8 @@ def test_batch_of_documents_equals_each_alone():
 
 @pytest.mark.parametrize("heads,kv_heads,L", [(4, 2, 3), (4, 4, 1), (6, 2, 5)])
 def test_compressed_attention_matches_reference(heads, kv_heads, L):
-    """compressed_attention = softmax over [codec scores of compressed keys, exact logits of window+tail with the
+    """QJLLayer.attend = softmax over [codec scores of compressed keys, exact logits of window+tail with the
     causal mask] times [decoded values, exact values]; query head j reads KV head j // (heads / kv_heads)."""
-    from qjl.attention import compressed_attention
     from qjl.cache import QJLLayer
 
     D, B, scaling = 64, 1, 0.125
@@ -164,7 +163,7 @@ def test_compressed_attention_matches_reference(heads, kv_heads, L):
     layer.update(k_tail, v_tail)
     assert layer.n_compressed == 128 and layer.exact_length() == 72 + 4 + L
     q = torch.randn(B, heads, L, D, generator=gen) * 2
-    got = compressed_attention(layer, q, scaling)
+    got = layer.attend(q, scaling)
 
     g = heads // kv_heads
     v_c = layer.value_codec.decode(layer.value_state)  # [B, H, 128, D]
@@ -254,7 +253,7 @@ def test_sink_holds_the_first_tokens_exactly(kv, chunks):
         tensors = layer.document_tensors()
         assert tensors["sink_keys"].numel() * 2 == H * 4 * D * 2 == tensors["sink_values"].numel() * 2
         shared = {"projection", "rotation", "value_rotation"}
-        assert layer.document_nbytes(count_projection=False) == sum(
+        assert layer.document_nbytes(count_shared=False) == sum(
             t.numel() * t.element_size() for n, t in tensors.items() if n not in shared)
 
 

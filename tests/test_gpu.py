@@ -11,7 +11,9 @@ from qjl.cache import QJLCache
 from qjl.config import QJLConfig
 from qjl.keys import QJLKeys
 from qjl.sketch import jl_projection, unpack_bits
-from qjl.turbo import TurboKeys, TurboValues, rotation, unpack
+from qjl.codebooks import rotation
+from qjl.ops import unpack_codes as unpack
+from qjl.turbo import TurboKeys, TurboValues
 from qjl.values import QuantValues
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -143,7 +145,7 @@ def test_value_codec_on_cuda_equals_cpu(bits):
     assert torch.equal(s_gpu["value_mins"].cpu(), s_cpu["value_mins"])
     torch.testing.assert_close(s_gpu["value_scales"].cpu(), s_cpu["value_scales"], rtol=1e-3, atol=0)
     # Codes: identical but for values sitting on a rounding boundary.
-    from qjl.values import unpack_codes
+    from qjl.ops import unpack_codes
     same = unpack_codes(s_gpu["value_codes"].cpu(), bits) == unpack_codes(s_cpu["value_codes"], bits)
     assert same.float().mean() > 0.999
     w = torch.softmax(torch.randn(B, H, 3, T, generator=gen), -1)

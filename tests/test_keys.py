@@ -278,12 +278,12 @@ def test_centering_reduces_error_on_keys_with_a_common_offset():
     False,
     True,
 ])
-def test_decode_approx_group_scope_is_mean_plus_outliers(center):
+def test_decode_group_scope_is_mean_plus_outliers(center):
     B, H, T, D, G, r = 1, 2, 64, 64, 32, 4
     codec = _codec(d=D, m=128, r=r, group=G, center=center)
     k, planted = _planted_keys(B, H, T, D, G, r, seed=51, offset=0.3)
     state = codec.encode(k)
-    approx = codec.decode_approx(state)
+    approx = codec.decode(state)
     expect = _dense_outliers(state, B, H, T, D, G)
     if center:
         expect = expect + codec.mean.unsqueeze(2).double()
@@ -295,13 +295,13 @@ def test_decode_approx_group_scope_is_mean_plus_outliers(center):
         torch.testing.assert_close(ag.gather(4, idx), kg.gather(4, idx), rtol=1e-3, atol=1e-2)
 
 
-def test_decode_approx_head_scope_is_mean_plus_outliers():
+def test_decode_head_scope_is_mean_plus_outliers():
     from qjl.config import QJLConfig
 
     codec = QJLKeys.for_layer(QJLConfig(), 0, 64)  # the default: head-scoped, 4-bit outliers
     k = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(52))
     state = codec.encode(k)
-    approx = codec.decode_approx(state)
+    approx = codec.decode(state)
     B, H, T, D = k.shape
     expect = torch.zeros(B, H, T, D).scatter(
         3, codec.head_outliers.unsqueeze(2).expand(B, H, T, -1), codec.channels.decode(state))

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from qjl.sketch import byte_sign_table, jl_projection, pack_bits, sign_estimator_scale, unpack_bits
+from qjl.ops.tables import byte_sign_table
+from qjl.sketch import jl_projection, pack_bits, sign_estimator_scale, unpack_bits
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,9 @@ import qjl.attention  # noqa: F401  (registers attn_implementation "qjl")
 from qjl.cache import QJLCache
 from qjl.config import ConfigError, QJLConfig
 from qjl.sketch import jl_projection
-from qjl.turbo import TurboKeys, TurboValues, codebook, pack, rotation, solve_lloyd_max, unpack
+from qjl.codebooks import codebook, rotation, solve_lloyd_max
+from qjl.ops import pack_codes as pack, unpack_codes as unpack
+from qjl.turbo import TurboKeys, TurboValues
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +61,8 @@ def test_pack_round_trip(bits):
 
 
 def test_three_bit_pair_indices_hold_two_codes_each():
-    from qjl.turbo import _pair_index, _pair_onehot
+    from qjl.ops import pair_index as _pair_index
+    from qjl.ops.tables import pair_onehot as _pair_onehot
     codes = torch.randint(0, 8, (2, 3, 5, 56), generator=_gen(9)).to(torch.uint8)
     idx = _pair_index(pack(codes, 3))
     assert idx.shape == (2, 3, 5, 28) and idx.dtype == torch.int32
@@ -101,7 +104,7 @@ def test_weighted_sum_equals_weights_times_dequantised_values(bits):
 
 
 def test_the_4d_codebook_beats_the_scalar_code_at_2_bits():
-    from qjl.turbo import vq4_codebook
+    from qjl.codebooks import vq4_codebook
     cb = vq4_codebook().double()
     assert cb.shape == (256, 4) and torch.isfinite(cb).all()
     x = torch.randn(100_000, 4, generator=_gen(21), dtype=torch.float64)
@@ -118,7 +121,7 @@ def test_the_4d_codebook_beats_the_scalar_code_at_2_bits():
 
 
 def test_vq4_values_pick_the_nearest_codeword_and_sum_like_the_reference():
-    from qjl.turbo import _vq4_on
+    from qjl.codebooks import vq4_on as _vq4_on
     codec = TurboValues(rotation(64, 3), 2, 64, 3, codebook="vq4")
     assert codec.vq and not TurboValues(rotation(64, 3), 3, 64, 3, codebook="vq4").vq  # 2 bits only
     v = torch.randn(1, 2, 80, 64, generator=_gen(3))

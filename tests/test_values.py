@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qjl import values as values_mod
-from qjl.values import QuantValues, pack_codes, unpack_codes
+from qjl import ops as values_mod
+from qjl.ops import pack_codes, unpack_codes
+from qjl.values import QuantValues
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,7 +92,7 @@ def test_decode_of_a_constant_group_is_exact_up_to_fp16():
 
 # Token counts below, across and at twice the internal block of weighted_sum (whatever its size: it was 1024,
 # then 4096), so partial and whole blocks are both summed.
-_B = values_mod._BLOCK
+_B = values_mod.VALUE_BLOCK
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -112,12 +113,12 @@ def test_weighted_sum_equals_weights_times_decoded_values(bits, T, Q):
 
 def test_weighted_sum_blocks_are_all_counted():
     # Weight only on tokens in the second and third internal blocks: a sum that dropped a block would be 0 there.
-    B, H, T, D = 1, 1, 2 * values_mod._BLOCK + 10, 32
+    B, H, T, D = 1, 1, 2 * values_mod.VALUE_BLOCK + 10, 32
     v = _values(B, H, T, D, seed=5)
     codec = QuantValues(4, 32, D)
     state = codec.encode(v)
     dec = codec.decode(state)
-    for t in (values_mod._BLOCK - 1, values_mod._BLOCK, 2 * values_mod._BLOCK + 9):
+    for t in (values_mod.VALUE_BLOCK - 1, values_mod.VALUE_BLOCK, 2 * values_mod.VALUE_BLOCK + 9):
         w = torch.zeros(B, H, 1, T)
         w[..., t] = 1.0
         torch.testing.assert_close(codec.weighted_sum(w, state), dec[:, :, t:t + 1], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,54 @@
+"""The encode steps of the codecs: turning float vectors into packed codes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .codes import pack_codes
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+@torch.library.custom_op("qjl::sign_bits", mutates_args=())
+def sign_bits(x: Tensor) -> Tensor:
+    """float [..., n] (n a multiple of 8) -> uint8 [..., n/8]: bit j of byte i is x[8i + j] > 0."""
+    *lead, n = x.shape
+    if n % 8:
+        raise ValueError(f"cannot pack {n} bits into whole bytes")
+    b = (x > 0).reshape(*lead, n // 8, 8).to(torch.uint8)
+    return (b * _BIT_WEIGHTS.to(b.device)).sum(dim=-1, dtype=torch.uint8)
+
+
+@torch.library.custom_op("qjl::scalar_quantize", mutates_args=())
+def scalar_quantize(y: Tensor, boundaries: Tensor, bits: int) -> Tensor:
+    """Lloyd-Max codes of y [..., n] float32 (the cell of each number among the sorted `boundaries`,
+    [2^bits - 1]), packed -> uint8 [..., n*bits/8]."""
+    return pack_codes(torch.bucketize(y.contiguous(), boundaries).to(torch.uint8), bits)
+
+
+@torch.library.custom_op("qjl::vq_nearest", mutates_args=())
+def vq_nearest(y: Tensor, codebook: Tensor) -> Tensor:
+    """The nearest codebook point of each group of c numbers: y [..., n*c] float32, codebook [K <= 256, c]
+    -> uint8 [..., n] (argmax of <g, c> - |c|^2 / 2, the nearest point without forming distances)."""
+    c = codebook.shape[1]
+    g = y.reshape(*y.shape[:-1], y.shape[-1] // c, c)
+    return (g @ codebook.T - 0.5 * (codebook * codebook).sum(-1)).argmax(-1).to(torch.uint8)
+
+
+@torch.library.custom_op("qjl::int_quantize", mutates_args=())
+def int_quantize(v: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric integer codes of each `group` numbers of v [B, H, T, D] float32 -> (codes packed
+    [B, H, T, D*bits/8] uint8, scales [B, H, T, D/group] fp16, minimums [B, H, T, D/group] fp16).
+
+    Scale and minimum are rounded to fp16 first and the codes chosen against the rounded ones: the codes are
+    then the best for what is stored."""
+    B, H, T, D = v.shape
+    vg = v.float().view(B, H, T, D // group, group)
+    vmin = vg.amin(dim=-1).to(torch.float16)
+    vmax = vg.amax(dim=-1)
+    levels = (1 << bits) - 1
+    scale = ((vmax - vmin.float()) / levels).to(torch.float16)
+    safe = torch.where(scale.float() > 0, scale.float(), torch.ones_like(vmax))
+    codes = ((vg - vmin.float().unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp_(0, levels)
+    return pack_codes(codes.to(torch.uint8).view(B, H, T, D), bits), scale, vmin
