@@ -8,9 +8,11 @@ A layer holds, in token order:
   tail        question and answer tokens, exact, added after the document is frozen.
 Rolling back drops the tail: the document part is never touched after `freeze_document`.
 
-`update()` only appends; the attention function (attention.py) reads all three
-parts and then calls `compress_excess()`, so a prefill chunk always attends to
-itself exactly and its K/V are compressed as soon as that layer is done with them.
+`update()` only appends; the attention function (attention.py) reads all four
+parts through `attend()` and then calls `compress_excess()`, so a prefill chunk always
+attends to itself exactly and its K/V are compressed as soon as that layer is done with them.
+Cache files hold what `document_tensors()` and `shared_matrices()` give and are read back with
+`load_tensors()`, checked against `expected_tensors()` (qjl/store.py; docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

@@ -119,10 +119,8 @@ def pdf_text(data: bytes, name: str, password: Optional[str] = None, progress: O
         except Exception as e:  # noqa: BLE001 - pypdf raises many types for damaged files
             raise DocumentError(f"{name} is not a readable PDF ({_one_line(e)}); check that the file is complete, "
                                 f"or extract its text with another tool (e.g. pdftotext) and ask about that") from None
-        if reader.is_encrypted:
+        if reader.is_encrypted:  # a password for a PDF that needs none is ignored: it does no harm
             _decrypt(reader, name, password)
-        elif password is not None:
-            pass  # a password for a PDF that needs none does no harm
         try:
             n = len(reader.pages)
         except DependencyError:

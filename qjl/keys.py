@@ -14,11 +14,15 @@ from torch import Tensor
 from .ops import sign_bits
 from .ops.attention import sketch_key_scores
 from .outliers import OutlierChannels
+from .shared import SharedMatrices
 from .sketch import jl_projection, jl_projection_on, sign_estimator_scale
 
 
-class QJLKeys:
+class QJLKeys(SharedMatrices):
     """Keys of one layer (the KeyCodec of qjl/codecs.py)."""
+
+    SHARED_ATTRS = {"projection": "projection"}
+    PARAM_ATTRS = {"key_mean": "mean", "key_head_outliers": "head_outliers"}
 
     def __init__(self, projection: Tensor, head_dim: int, outliers: int, group_size: int,
                  center: bool, seed: int = 0, outlier_scope: str = "group", outlier_bits: int = 16):
@@ -127,22 +131,9 @@ class QJLKeys:
         """{name: seed} of the matrices this codec shares with the other layers of its class."""
         return {"projection": self.seed}
 
-    def set_shared(self, name: str, matrix: Tensor) -> None:
-        if name != "projection":
-            raise KeyError(name)
-        self.projection = matrix
-
     def set_params(self, params: dict[str, Tensor]) -> None:
         self.mean = params.get("key_mean")
         self.head_outliers = params.get("key_head_outliers")
-
-    def params(self) -> dict[str, Tensor]:
-        p = {"projection": self.projection}
-        if self.mean is not None:
-            p["key_mean"] = self.mean
-        if self.head_outliers is not None:
-            p["key_head_outliers"] = self.head_outliers
-        return p
 
     # --- what a cache file holds ------------------------------------------------------------
     def state_spec(self, batch: int, heads: int, tokens: int) -> dict[str, tuple]:

@@ -36,7 +36,6 @@ class LoadedModel:
     model: object  # a transformers PreTrainedModel in eval mode, attn_implementation="qjl"
     tokenizer: object
     name: str  # what the user asked for, resolved (e.g. "SmolLM2-135M-Instruct (embedded)")
-    source: str  # folder or file it was loaded from
     identity: str  # hash of what shapes the cache: config fields and tokenizer vocabulary
 
     @property
@@ -169,4 +168,4 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
     if device != "auto":
         model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, name, source, model_identity(model.config, tokenizer))
+    return LoadedModel(model, tokenizer, name, model_identity(model.config, tokenizer))

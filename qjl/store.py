@@ -215,6 +215,34 @@ def _parse_config(meta: dict, path: Path) -> QJLConfig:
     return config
 
 
+def _compressed_counts(meta: dict, config: QJLConfig, most: int, n_layers: int, path: Path) -> list[int]:
+    """Compressed tokens of each layer: whole groups, at most `most` (the document less its sink)."""
+    try:
+        n_compressed = json.loads(meta["n_compressed"])
+        ok = (isinstance(n_compressed, list) and len(n_compressed) == n_layers
+              and all(type(n) is int and 0 <= n <= most and n % config.group_size == 0 for n in n_compressed))
+    except (KeyError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise CacheFileError(f"{path}: its token counts per layer are inconsistent; the file is corrupted, "
+                             f"save it again")
+    return n_compressed
+
+
+def _window_layout(tensors: dict, path: Path) -> tuple[int, torch.dtype]:
+    """(documents in the batch, the exact tokens' dtype), read off the first layer's window."""
+    try:
+        window = tensors["layers.0.window_keys"]
+        batch, storage_dtype = int(window.shape[0]), window.dtype
+    except (KeyError, IndexError):
+        raise CacheFileError(f"{path}: tensor layers.0.window_keys is missing or empty; the file is corrupted, "
+                             f"save it again") from None
+    if storage_dtype not in _HALF_DTYPES or batch < 1:
+        raise CacheFileError(f"{path}: the exact window is {storage_dtype} for {batch} documents; the file is "
+                             f"corrupted, save it again")
+    return batch, storage_dtype
+
+
 def _check_tensors(tensors: dict, expected: dict, head_dim: int, path: Path) -> None:
     """The file's tensors are exactly the expected ones, each of its dtype and shape, and no index in them
     points outside a head (gather would then fail on a forged file)."""
@@ -257,25 +285,8 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
                                  f"that saved it")
     tokens = _meta_int(meta, "document_tokens", path)
     n_sink = min(config.sink_tokens, tokens)  # the sink fills before anything is compressed
-    try:
-        n_compressed = json.loads(meta["n_compressed"])
-        ok = (isinstance(n_compressed, list) and len(n_compressed) == n_layers
-              and all(type(n) is int and 0 <= n <= tokens - n_sink and n % config.group_size == 0
-                      for n in n_compressed))
-    except (KeyError, ValueError, TypeError):
-        ok = False
-    if not ok:
-        raise CacheFileError(f"{path}: its token counts per layer are inconsistent; the file is corrupted, "
-                             f"save it again")
-    try:
-        window = tensors["layers.0.window_keys"]
-        batch, storage_dtype = int(window.shape[0]), window.dtype
-    except (KeyError, IndexError):
-        raise CacheFileError(f"{path}: tensor layers.0.window_keys is missing or empty; the file is corrupted, "
-                             f"save it again") from None
-    if storage_dtype not in _HALF_DTYPES or batch < 1:
-        raise CacheFileError(f"{path}: the exact window is {storage_dtype} for {batch} documents; the file is "
-                             f"corrupted, save it again")
+    n_compressed = _compressed_counts(meta, config, tokens - n_sink, n_layers, path)
+    batch, storage_dtype = _window_layout(tensors, path)
 
     cache = QJLCache(model_config, config)
     expected: dict[str, tuple] = {name: (torch.float32, tuple(t.shape)) for name, t in cache.shared_matrices().items()}

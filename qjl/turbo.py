@@ -23,6 +23,7 @@ from .ops import packed_bytes, scalar_quantize, sign_bits, vq_nearest
 from .ops.attention import turbo_key_scores, turbo_value_sum, value_index
 from .ops.tables import byte_table
 from .outliers import OutlierChannels
+from .shared import SharedMatrices
 from .sketch import jl_projection, jl_projection_on, sign_estimator_scale
 
 
@@ -58,7 +59,7 @@ def _part_names(base: str, parts) -> list[str]:
     return [base] + [base + "_hi"] * (len(parts) - 1)
 
 
-class _Rotated:
+class _Rotated(SharedMatrices):
     """What keys and values share: the rotation, the codebooks, encode to (codes, scales), decode.
 
     `dim` is the number of coordinates coded: head_dim, less the outlier channels a key codec keeps apart.
@@ -130,6 +131,9 @@ class TurboKeys(_Rotated):
     of R k/||k||, optional QJL sketch of k - k_hat; optionally r outlier channels kept apart (OutlierChannels,
     chosen by q^2 k^2 at the first encode) with the rotation and codes covering the other head_dim - r."""
 
+    SHARED_ATTRS = {"rotation": "rotation", "projection": "projection"}
+    PARAM_ATTRS = {"key_head_outliers": "head_outliers"}
+
     def __init__(self, rotation: Tensor, bits: float, head_dim: int, rotation_seed: int = 0,
                  projection: Tensor | None = None, projection_seed: int = 0, outliers: int = 0,
                  group_size: int = 32, outlier_bits: int = 4):
@@ -167,22 +171,9 @@ class TurboKeys(_Rotated):
             out["projection"] = self.seed
         return out
 
-    def set_shared(self, name: str, matrix: Tensor) -> None:
-        if name not in self.shared_seeds():
-            raise KeyError(name)
-        setattr(self, name, matrix)
-
     def set_params(self, params: dict[str, Tensor]) -> None:
         self.head_outliers = params.get("key_head_outliers")
         self.rest = None if self.head_outliers is None else _complement(self.head_outliers.long(), self.head_dim)
-
-    def params(self) -> dict[str, Tensor]:
-        p = {"rotation": self.rotation}
-        if self.projection is not None:
-            p["projection"] = self.projection
-        if self.head_outliers is not None:
-            p["key_head_outliers"] = self.head_outliers
-        return p
 
     def encode(self, k: Tensor, query_energy: Tensor | None = None) -> dict[str, Tensor]:
         """k: [B, H, T, D] (T a multiple of group_size when outliers are kept apart) -> state.
@@ -250,6 +241,8 @@ class TurboValues(_Rotated):
     """Values of one layer (the ValueCodec of qjl/codecs.py): an fp16 scale (about ||v||) and b-bit codes of
     R v/||v|| (2 bits: one byte per 4 coordinates from the 4-D codebook, with codebook "vq4")."""
 
+    SHARED_ATTRS = {"value_rotation": "rotation"}
+
     def __init__(self, rotation: Tensor, bits: float, dim: int, rotation_seed: int, codebook: str = "scalar"):
         super().__init__(rotation, bits, dim, rotation_seed)
         self.vq = codebook == "vq4" and bits == 2 and dim % 4 == 0
@@ -265,14 +258,6 @@ class TurboValues(_Rotated):
 
     def shared_seeds(self) -> dict[str, int]:
         return {"value_rotation": self.rotation_seed}
-
-    def set_shared(self, name: str, matrix: Tensor) -> None:
-        if name != "value_rotation":
-            raise KeyError(name)
-        self.rotation = matrix
-
-    def params(self) -> dict[str, Tensor]:
-        return {"value_rotation": self.rotation}
 
     def set_params(self, params: dict[str, Tensor]) -> None:
         pass

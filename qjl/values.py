@@ -12,9 +12,10 @@ from torch import Tensor
 
 from .ops import int_quantize, packed_bytes, unpack_codes_float
 from .ops.attention import int_value_sum
+from .shared import SharedMatrices
 
 
-class QuantValues:
+class QuantValues(SharedMatrices):
     """Values of one layer (the ValueCodec of qjl/codecs.py): `bits`-bit codes per channel, fp16 scale and
     minimum per group of channels."""
 
@@ -54,17 +55,8 @@ class QuantValues:
     def to(self, device) -> "QuantValues":
         return self  # no per-layer tensors: scales and minimums travel with each state
 
-    def params(self) -> dict[str, Tensor]:
-        return {}
-
     def set_params(self, params: dict[str, Tensor]) -> None:
         pass
-
-    def shared_seeds(self) -> dict[str, int]:
-        return {}
-
-    def set_shared(self, name: str, matrix: Tensor) -> None:
-        raise KeyError(name)
 
     def state_spec(self, batch: int, heads: int, tokens: int) -> dict[str, tuple]:
         groups = (torch.float16, (batch, heads, tokens, self.head_dim // self.group))

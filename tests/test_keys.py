@@ -309,16 +309,19 @@ def test_decode_head_scope_is_mean_plus_outliers():
 
 
 @pytest.mark.parametrize("G", [5, 1])
-def test_odd_group_size_is_rejected_or_works(G):
+def test_odd_group_size_is_rejected_with_packed_outliers_and_works_with_fp16_ones(G):
+    """4-bit outlier codes over an odd group cannot fill whole bytes: a ConfigError up front. With fp16
+    outliers the same odd group works, and the state has one entry per token."""
     from qjl.config import ConfigError, QJLConfig
 
-    try:
-        config = QJLConfig(group_size=G)
-    except ConfigError:
-        return  # rejected up front: fine
+    with pytest.raises(ConfigError, match="whole bytes"):
+        QJLConfig(group_size=G)
+    config = QJLConfig(group_size=G, outlier_bits=16)
     codec = QJLKeys.for_layer(config, 0, 64)
     state = codec.encode(torch.randn(1, 2, 4 * G, 64, generator=torch.Generator().manual_seed(G)))
-    assert state["key_signs"].shape[2] == 4 * G
+    assert state["key_signs"].shape == (1, 2, 4 * G, 2 * 64 // 8)
+    assert state["key_outlier_values"].shape == (1, 2, 4 * G, config.outliers(64))
+    assert {n: (t.dtype, tuple(t.shape)) for n, t in state.items()} == codec.state_spec(1, 2, 4 * G)
 
 
 def test_head_outliers_follow_query_energy_when_given():

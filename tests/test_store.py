@@ -148,7 +148,7 @@ def test_a_turbo_file_holds_its_rotation_and_sketch_once_and_loads_them(tiny, tm
 def test_load_cache_with_a_loaded_model(tiny, saved):
     model, cfg = tiny
     path, _, cache = saved
-    lm = LoadedModel(model, None, "tiny", "", IDENTITY)
+    lm = LoadedModel(model, None, "tiny", IDENTITY)
     loaded, meta = load_cache(path, lm)
     assert loaded.layers[0].dtype == torch.float32 and loaded.layers[0].storage_dtype == torch.float16
     assert meta["source"] == {"name": "doc.txt", "size": "123", "sha256": "ab" * 32}
