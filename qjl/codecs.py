@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import QJLConfig
+from . import native
 from .keys import QJLKeys
 from .ops import sketch_attention, turbo_attention
 from .turbo import TurboKeys, TurboValues
@@ -64,3 +65,5 @@ def make_codecs(config: QJLConfig, layer_idx: int, head_dim: int) -> tuple[KeyCo
 
 # The fused attention op of each compressed mode: arguments from both codecs' op_args.
 ATTENTION_OPS = {"turbo": turbo_attention, "qjl": sketch_attention}
+
+native.register()  # CPU kernels beneath the ops where a C compiler is at hand (qjl/native)

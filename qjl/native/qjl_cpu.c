@@ -1,0 +1,302 @@
+/* CPU kernels of qjl's ops (qjl/ops): the turbo attention of a chunk of queries over a layer's compressed
+ * and exact tokens, and the nearest-codeword search of the 4-D value codes.
+ *
+ * Plain C with OpenMP, compiled at first use by qjl/native/__init__.py and called through ctypes with the
+ * data pointers of contiguous torch tensors; the torch code in qjl/ops is the specification and the tests
+ * hold these to it. Layouts: docs/ARCHITECTURE.md. Every index here is computed from the sizes passed in;
+ * the Python wrapper checks shapes, dtypes and contiguity before calling.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__aarch64__)
+typedef __fp16 half_t;
+#else
+typedef _Float16 half_t;
+#endif
+
+#define TOKEN_BLOCK 256
+#define MAX_PARTS 2
+
+static inline float h2f(half_t h) { return (float)h; }
+
+/* --- vq_nearest: argmax_c <g, c> - |c|^2 / 2 over K codewords of dimension C, for n groups ---------- */
+int qjl_vq_nearest(int64_t n, int C, int K, const float *y, const float *codebook, uint8_t *out, int threads) {
+    if (C <= 0 || C > 8 || K <= 0 || K > 256) return 1;
+    float half_norm[256];
+    for (int k = 0; k < K; k++) {
+        float s = 0.f;
+        for (int c = 0; c < C; c++) s += codebook[k * C + c] * codebook[k * C + c];
+        half_norm[k] = 0.5f * s;
+    }
+    /* codebook transposed [C][K] so the K scores of a group vectorise */
+    float *cbt = malloc(sizeof(float) * C * K);
+    if (!cbt) return 2;
+    for (int k = 0; k < K; k++)
+        for (int c = 0; c < C; c++) cbt[c * K + k] = codebook[k * C + c];
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float score[256];
+        const float *g = y + i * C;
+        for (int k = 0; k < K; k++) score[k] = -half_norm[k];
+        for (int c = 0; c < C; c++) {
+            const float gc = g[c];
+            const float *row = cbt + c * K;
+            for (int k = 0; k < K; k++) score[k] += gc * row[k];
+        }
+        int best = 0;
+        float top = score[0];
+        for (int k = 1; k < K; k++)
+            if (score[k] > top) { top = score[k]; best = k; }
+        out[i] = (uint8_t)best;
+    }
+    free(cbt);
+    return 0;
+}
+
+/* --- turbo attention -------------------------------------------------------------------------------- */
+typedef struct {
+    int B, H, R, L, D, dim, T, Ne;           /* R = query rows per KV head (GQA group x L) */
+    const float *q;                          /* [B,H,R,D] */
+    const float *ke, *ve;                    /* [B,H,Ne,D] exact tokens; the R rows' position is r % L */
+    int nkp;                                 /* key code parts */
+    int kbits[MAX_PARTS], knb[MAX_PARTS], klen[MAX_PARTS];
+    const uint8_t *kcodes[MAX_PARTS];        /* [B,H,T,knb] */
+    const float *kcent[MAX_PARTS];           /* [2^bits] */
+    const half_t *knorms;                    /* [B,H,T] */
+    const float *krot;                       /* [dim,dim], y = x R^T */
+    int r;                                   /* channels kept apart (0: none) */
+    const int64_t *channels, *rest;          /* [B,H,r], [B,H,dim] */
+    const uint8_t *ocodes;                   /* [B,H,NG*r,G*obits/8] */
+    const half_t *oscales, *omins;           /* [B,H,NG*r] */
+    int obits, G;
+    int nvp;
+    int vbits[MAX_PARTS], vnb[MAX_PARTS], vper[MAX_PARTS];
+    const uint8_t *vcodes[MAX_PARTS];        /* [B,H,T,vnb] */
+    const float *vtab[MAX_PARTS];            /* [256 or 8][vper] */
+    const half_t *vnorms;                    /* [B,H,T] */
+    const float *vrot;                       /* [D,D] */
+    float scaling;
+    float *out;                              /* [B,H,R,D] */
+} turbo_args;
+
+/* Entries of a key part's per-row table: 64 per pair of 3-bit codes, 256 per byte otherwise. */
+static int part_entries(int bits) { return bits == 3 ? 64 : 256; }
+static int part_slots(int bits, int len) { return bits == 3 ? len / 2 : len * bits / 8; }
+
+/* The per-row key tables of one KV head: for each part, slots x entries floats, built from the rotated query. */
+static void build_tables(const turbo_args *a, const float *qr, float *tab) {
+    int off = 0, coord = 0;
+    for (int p = 0; p < a->nkp; p++) {
+        const int bits = a->kbits[p], len = a->klen[p];
+        const float *c = a->kcent[p];
+        const float *x = qr + coord;
+        if (bits == 3) {
+            for (int i = 0; i < len / 2; i++)
+                for (int w = 0; w < 64; w++) tab[off + i * 64 + w] = x[2 * i] * c[w & 7] + x[2 * i + 1] * c[w >> 3];
+        } else {
+            const int per = 8 / bits, mask = (1 << bits) - 1;
+            for (int i = 0; i < len / per; i++)
+                for (int byte = 0; byte < 256; byte++) {
+                    float s = 0.f;
+                    for (int k = 0; k < per; k++) s += x[i * per + k] * c[(byte >> (k * bits)) & mask];
+                    tab[off + i * 256 + byte] = s;
+                }
+        }
+        off += part_slots(bits, len) * part_entries(bits);
+        coord += len;
+    }
+}
+
+/* sum of the table entries a token's codes pick, for one row's tables */
+static inline float key_dot(const turbo_args *a, const float *tab, int64_t bh, int64_t t) {
+    float s = 0.f;
+    int off = 0;
+    for (int p = 0; p < a->nkp; p++) {
+        const int bits = a->kbits[p], nb = a->knb[p];
+        const uint8_t *b = a->kcodes[p] + (bh * a->T + t) * nb;
+        if (bits == 3) {
+            for (int i = 0; i < nb / 3; i++) {
+                const uint32_t word = b[3 * i] | (b[3 * i + 1] << 8) | (b[3 * i + 2] << 16);
+                const float *row = tab + off + i * 4 * 64;
+                s += row[word & 63] + row[64 + ((word >> 6) & 63)] + row[128 + ((word >> 12) & 63)]
+                     + row[192 + ((word >> 18) & 63)];
+            }
+        } else {
+            for (int i = 0; i < nb; i++) s += tab[off + i * 256 + b[i]];
+        }
+        off += part_slots(bits, a->klen[p]) * part_entries(bits);
+    }
+    return s;
+}
+
+/* the channels kept apart: sum_j q_j (s_gj code_gjt + z_gj) */
+static inline float outlier_dot(const turbo_args *a, const float *qsel, int64_t bh, int64_t t) {
+    const int G = a->G, r = a->r, bits = a->obits, per = 8 / bits, mask = (1 << bits) - 1;
+    const int64_t g = t / G, u = t % G, rows = (a->T / G) * r, row_bytes = G * bits / 8;
+    float s = 0.f;
+    for (int j = 0; j < r; j++) {
+        const int64_t row = bh * rows + g * r + j;
+        const int code = (a->ocodes[row * row_bytes + u / per] >> ((u % per) * bits)) & mask;
+        s += qsel[j] * (h2f(a->oscales[row]) * code + h2f(a->omins[row]));
+    }
+    return s;
+}
+
+/* add w * (the rotated, unit-scale decoded value of token t) to acc [D] */
+static inline void value_add(const turbo_args *a, int64_t bh, int64_t t, float w, float *acc) {
+    int coord = 0;
+    for (int p = 0; p < a->nvp; p++) {
+        const int nb = a->vnb[p], per = a->vper[p];
+        const uint8_t *b = a->vcodes[p] + (bh * a->T + t) * nb;
+        const float *tab = a->vtab[p];
+        if (a->vbits[p] == 3) {
+            for (int i = 0; i < nb / 3; i++) {
+                const uint32_t word = b[3 * i] | (b[3 * i + 1] << 8) | (b[3 * i + 2] << 16);
+                for (int k = 0; k < 8; k++) acc[coord + i * 8 + k] += w * tab[(word >> (3 * k)) & 7];
+            }
+            coord += nb / 3 * 8;
+        } else {
+            for (int i = 0; i < nb; i++) {
+                const float *e = tab + b[i] * per;
+                float *o = acc + coord + i * per;
+                for (int k = 0; k < per; k++) o[k] += w * e[k];
+            }
+            coord += nb * per;
+        }
+    }
+}
+
+/* One block of compressed tokens of one KV head: (max, sum, acc) per row, acc in rotated space. */
+static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs, int tab_size, const float *qsel,
+                             int64_t t0, int64_t t1, float *m, float *s, float *acc) {
+    const int R = a->R, D = a->D;
+    float logit[TOKEN_BLOCK];
+    for (int r = 0; r < R; r++) {
+        float top = -INFINITY;
+        for (int64_t t = t0; t < t1; t++) {
+            float x = h2f(a->knorms[bh * a->T + t]) * key_dot(a, tabs + (int64_t)r * tab_size, bh, t);
+            if (a->r) x += outlier_dot(a, qsel + r * a->r, bh, t);
+            x *= a->scaling;
+            logit[t - t0] = x;
+            if (x > top) top = x;
+        }
+        float sum = 0.f;
+        float *o = acc + (int64_t)r * D;
+        memset(o, 0, sizeof(float) * D);
+        for (int64_t t = t0; t < t1; t++) {
+            const float p = expf(logit[t - t0] - top);
+            sum += p;
+            value_add(a, bh, t, p * h2f(a->vnorms[bh * a->T + t]), o);
+        }
+        m[r] = top;
+        s[r] = sum;
+    }
+}
+
+/* Merge the blocks, rotate back, add the exact tokens: out rows of one KV head. */
+static void finish_head(const turbo_args *a, int64_t bh, int nblocks, const float *m, const float *s,
+                        const float *acc) {
+    const int R = a->R, D = a->D, Ne = a->Ne, L = a->L;
+    float *rot = malloc(sizeof(float) * D * 2);
+    float *logit = malloc(sizeof(float) * (Ne > 0 ? Ne : 1));
+    for (int r = 0; r < R; r++) {
+        float mc = -INFINITY, sc = 0.f;
+        for (int b = 0; b < nblocks; b++) mc = fmaxf(mc, m[(int64_t)b * R + r]);
+        float *u = rot, *o = a->out + (bh * R + r) * D;
+        memset(u, 0, sizeof(float) * D);
+        for (int b = 0; b < nblocks; b++) {
+            const float f = expf(m[(int64_t)b * R + r] - mc);
+            sc += s[(int64_t)b * R + r] * f;
+            const float *ab = acc + ((int64_t)b * R + r) * D;
+            for (int d = 0; d < D; d++) u[d] += f * ab[d];
+        }
+        float *v = rot + D; /* u R: back from the rotated space */
+        memset(v, 0, sizeof(float) * D);
+        for (int i = 0; i < D; i++) {
+            const float ui = u[i];
+            const float *row = a->vrot + (int64_t)i * D;
+            for (int d = 0; d < D; d++) v[d] += ui * row[d];
+        }
+        const float *qv = a->q + (bh * R + r) * D;
+        const int visible = Ne - L + (r % L) + 1;
+        float me = -INFINITY;
+        for (int j = 0; j < visible; j++) {
+            const float *k = a->ke + (bh * Ne + j) * D;
+            float x = 0.f;
+            for (int d = 0; d < D; d++) x += qv[d] * k[d];
+            logit[j] = x * a->scaling;
+            me = fmaxf(me, logit[j]);
+        }
+        const float mx = fmaxf(mc, me), fc = expf(mc - mx);
+        float total = sc * fc;
+        for (int d = 0; d < D; d++) o[d] = v[d] * fc;
+        for (int j = 0; j < visible; j++) {
+            const float p = expf(logit[j] - mx);
+            total += p;
+            const float *vv = a->ve + (bh * Ne + j) * D;
+            for (int d = 0; d < D; d++) o[d] += p * vv[d];
+        }
+        for (int d = 0; d < D; d++) o[d] /= total;
+    }
+    free(rot);
+    free(logit);
+}
+
+/* The rotated query rows of a head (and their channels kept apart), then the key tables. */
+static void prepare_head(const turbo_args *a, int64_t bh, float *tabs, int tab_size, float *qsel) {
+    const int R = a->R, D = a->D, dim = a->dim;
+    float *x = malloc(sizeof(float) * dim), *qr = malloc(sizeof(float) * dim);
+    for (int r = 0; r < R; r++) {
+        const float *qv = a->q + (bh * R + r) * D;
+        for (int i = 0; i < dim; i++) x[i] = a->r ? qv[a->rest[bh * dim + i]] : qv[i];
+        for (int j = 0; j < a->r; j++) qsel[r * a->r + j] = qv[a->channels[bh * a->r + j]];
+        for (int i = 0; i < dim; i++) {
+            float acc = 0.f;
+            const float *row = a->krot + (int64_t)i * dim;
+            for (int k = 0; k < dim; k++) acc += x[k] * row[k];
+            qr[i] = acc;
+        }
+        build_tables(a, qr, tabs + (int64_t)r * tab_size);
+    }
+    free(x);
+    free(qr);
+}
+
+int qjl_turbo_attention(turbo_args *a, int threads) {
+    const int64_t heads = (int64_t)a->B * a->H;
+    const int R = a->R, D = a->D;
+    if (a->nkp < 1 || a->nkp > MAX_PARTS || a->nvp < 1 || a->nvp > MAX_PARTS || a->T < 1 || R < 1) return 1;
+    int tab_size = 0;
+    for (int p = 0; p < a->nkp; p++) tab_size += part_slots(a->kbits[p], a->klen[p]) * part_entries(a->kbits[p]);
+    const int nblocks = (int)((a->T + TOKEN_BLOCK - 1) / TOKEN_BLOCK);
+    float *tabs = malloc(sizeof(float) * heads * R * tab_size);
+    float *qsel = malloc(sizeof(float) * heads * R * (a->r ? a->r : 1));
+    float *m = malloc(sizeof(float) * heads * nblocks * R);
+    float *s = malloc(sizeof(float) * heads * nblocks * R);
+    float *acc = malloc(sizeof(float) * heads * nblocks * R * D);
+    if (!tabs || !qsel || !m || !s || !acc) {
+        free(tabs); free(qsel); free(m); free(s); free(acc);
+        return 2;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < heads; bh++)
+            prepare_head(a, bh, tabs + bh * R * tab_size, tab_size, qsel + bh * R * (a->r ? a->r : 1));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < heads * nblocks; task++) {
+            const int64_t bh = task / nblocks, blk = task % nblocks;
+            const int64_t t0 = blk * TOKEN_BLOCK, t1 = t0 + TOKEN_BLOCK < a->T ? t0 + TOKEN_BLOCK : a->T;
+            compressed_block(a, bh, tabs + bh * R * tab_size, tab_size, qsel + bh * R * (a->r ? a->r : 1), t0, t1,
+                             m + task * R, s + task * R, acc + task * R * D);
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < heads; bh++)
+            finish_head(a, bh, nblocks, m + bh * nblocks * R, s + bh * nblocks * R, acc + bh * nblocks * R * D);
+    }
+    free(tabs); free(qsel); free(m); free(s); free(acc);
+    return 0;
+}

@@ -1,0 +1,114 @@
+"""The CPU kernels (qjl/native) against the ops' torch code, and their fallbacks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from qjl import native
+from qjl.codecs import make_codecs
+from qjl.config import QJLConfig
+from qjl.ops import vq_nearest
+from qjl.ops.attention import turbo_attention
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the CPU kernels are off")
+
+SETTINGS = {
+    "default": QJLConfig(),
+    "scalar V2": QJLConfig(turbo_value_codebook="scalar"),
+    "K2.5/V2.25": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25),
+    "K4/V3": QJLConfig(turbo_key_bits=4, turbo_value_bits=3),
+    "K1/V1, no channels apart": QJLConfig(turbo_key_bits=1, turbo_value_bits=1, turbo_outlier_fraction=0.0),
+    "8-bit channels apart": QJLConfig(outlier_bits=8),
+}
+
+
+def _layer(config: QJLConfig, D: int, H: int, groups: int, seed: int):
+    keys, values = make_codecs(config, 0, D)
+    gen = torch.Generator().manual_seed(seed)
+    T = groups * config.group_size
+    ks = keys.encode(torch.randn(1, H, T, D, generator=gen) * 2, torch.rand(1, H, D, generator=gen))
+    vs = values.encode(torch.randn(1, H, T, D, generator=gen))
+    return keys.op_args(ks) | values.op_args(vs), gen
+
+
+@pytest.mark.parametrize("label", sorted(SETTINGS))
+@pytest.mark.parametrize("D,H,g,L,groups,exact", [(64, 3, 3, 1, 9, (4, 1)), (128, 2, 4, 5, 3, (4, 7)),
+                                                  (64, 4, 1, 3, 1, (0, 3)), (128, 1, 3, 1, 17, (4, 0, 2))])
+def test_turbo_attention_matches_the_torch_op(label, D, H, g, L, groups, exact, one_thread):
+    """Any GQA ratio (1, 3, 4), head_dim 64/128, decode (L=1) and chunks with the causal mask on the exact part,
+    token counts that are not a block multiple (the kernel splits compressed tokens in blocks of 256)."""
+    args, gen = _layer(SETTINGS[label], D, H, groups, seed=D + g + L)
+    sizes = [n for n in exact if n] or [L]
+    sizes[-1] = max(sizes[-1], L)  # the queries are the last L exact tokens
+    ek = [torch.randn(1, H, n, D, generator=gen).to(torch.float16 if i == 0 else torch.float32)
+          for i, n in enumerate(sizes)]
+    ev = [torch.randn(1, H, n, D, generator=gen).to(t.dtype) for n, t in zip(sizes, ek)]
+    q = torch.randn(1, H * g, L, D, generator=gen)
+    ref = turbo_attention._init_fn(q, ek, ev, scaling=D ** -0.5, **args)
+    got = native.turbo_attention_cpu(q, ek, ev, scaling=D ** -0.5, **args)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_turbo_attention_in_half_precision_returns_the_query_dtype():
+    args, gen = _layer(QJLConfig(), 64, 2, 2, seed=3)
+    ek, ev = [torch.randn(1, 2, 3, 64, generator=gen).bfloat16()], [torch.randn(1, 2, 3, 64, generator=gen).bfloat16()]
+    q = torch.randn(1, 6, 1, 64, generator=gen).bfloat16()
+    got = native.turbo_attention_cpu(q, ek, ev, scaling=0.125, **args)
+    ref = turbo_attention._init_fn(q, ek, ev, scaling=0.125, **args)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_vq_nearest_picks_the_same_codes():
+    gen = torch.Generator().manual_seed(0)
+    y, cb = torch.randn(3, 5, 64, generator=gen), torch.randn(256, 4, generator=gen)
+    got = native.vq_nearest_cpu(y, cb)
+    assert got.shape == (3, 5, 16) and got.dtype == torch.uint8
+    assert torch.equal(got, vq_nearest._init_fn(y, cb))
+
+
+def test_the_ops_dispatch_to_the_kernels_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(native, "library", lambda: calls.append(1) or None)  # seen, then the torch code
+    y, cb = torch.randn(2, 8), torch.randn(256, 4)
+    assert torch.equal(vq_nearest(y, cb), vq_nearest._init_fn(y, cb)) and calls
+
+
+def test_without_a_compiler_one_warning_and_the_torch_code(monkeypatch, tmp_path):
+    monkeypatch.setenv("QJL_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C compiler"):
+            assert native.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.library() is None  # cached: the warning is said once
+        y, cb = torch.randn(4, 8), torch.randn(256, 4)
+        assert torch.equal(native.vq_nearest_cpu(y, cb), vq_nearest._init_fn(y, cb))
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_failing_compiler_is_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("QJL_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-DQJL_BREAK", "-include", "/nonexistent.h"])
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built"):
+            assert native.library() is None
+        assert not list((tmp_path / "native").glob("*.so"))  # nothing half-written left behind
+    finally:
+        native.library.cache_clear()
+
+
+def test_qjl_native_0_turns_them_off(monkeypatch):
+    monkeypatch.setenv("QJL_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+    finally:
+        native.library.cache_clear()
