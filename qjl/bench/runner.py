@@ -88,7 +88,7 @@ def machine_info(device: torch.device, dtype: torch.dtype, peak_kind: str) -> di
         threads = None
     else:
         name, threads = _cpu_name(), torch.get_num_threads()
-        where = f"{name}, {threads} threads"
+        where = f"{name}, {threads} thread{'' if threads == 1 else 's'}"
     info = {"device": device.type, "name": name, "threads": threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "dtype": str(dtype).removeprefix("torch."), "kernels": "off", "peak_memory": peak_kind}
@@ -158,8 +158,11 @@ def load_target(settings: BenchSettings, progress: Callable[[str], None] | None 
 
         model, name = synthetic_model(settings.shape, device, dtype, settings.seed)
         return Target(model, name, None, SHAPES[settings.shape].max_positions, device, dtype)
+    from transformers.utils import logging as hf_logging
+
     from ..models import load_model
 
+    hf_logging.disable_progress_bar()  # transformers' own bars; the bench shows its own
     loaded = load_model(settings.model, dtype=dtype, device=str(device), progress=progress)
     return Target(loaded.model, loaded.name, loaded, loaded.context_length, device, dtype)
 

@@ -112,10 +112,10 @@ def parse_size(text: str) -> int:
     """'32k' -> 32768, '1m' -> 1048576, '4096' -> 4096 (k and m are binary, as context sizes are)."""
     m = _SIZE.match(text)
     if not m:
-        raise BenchError(f"--context {text!r} is not a size: give tokens like 4096, 8k or 32k")
+        raise BenchError(f"{text.strip()!r} is not a size: give tokens like 4096, 8k or 32k")
     value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2).lower()]
     if value != int(value) or int(value) < 1:
-        raise BenchError(f"--context {text!r} must be a whole number of tokens, at least 1")
+        raise BenchError(f"{text.strip()!r} is not a whole number of tokens of at least 1: give tokens like 4096, 8k or 32k")
     return int(value)
 
 
@@ -146,7 +146,7 @@ def parse_modes(text: str | None) -> list[str]:
 
 def check_shape(name: str) -> Shape:
     if name not in SHAPES:
-        raise BenchError(f"unknown --shape {name!r}; choose one of {', '.join(SHAPES)}")
+        raise BenchError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
     return SHAPES[name]
 
 
@@ -178,7 +178,7 @@ class Geometry:
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         h, inter, L, V = int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.num_hidden_layers), int(cfg.vocab_size)
         tied = bool(getattr(cfg, "tie_word_embeddings", False))
-        params = L * (h * head_dim * (2 * heads + 2 * kv) + 3 * h * inter) + V * h * (1 if tied else 2)
+        params = L * (h * head_dim * (2 * heads + 2 * kv) + 3 * h * inter + 2 * h) + V * h * (1 if tied else 2) + h
         return cls(L, heads, kv, head_dim, h, inter, V, params)
 
 
