@@ -216,6 +216,10 @@ class QJLLayer(CacheLayerMixin):
                                                                      self.head_dim))
         return out
 
+    def channel_indices(self) -> dict[str, bool]:
+        """Names of the tensors that hold channel numbers -> whether each row must strictly ascend."""
+        return {**self.key_codec.CHANNEL_INDICES, **self.value_codec.CHANNEL_INDICES}
+
     def load_tensors(self, tensors: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
                      dtype: torch.dtype | None = None) -> None:
         """Fill this (new) layer with a frozen document: `tensors` as document_tensors() gave them (checked

@@ -23,6 +23,7 @@ class QJLKeys(SharedMatrices):
 
     SHARED_ATTRS = {"projection": "projection"}
     PARAM_ATTRS = {"key_mean": "mean", "key_head_outliers": "head_outliers"}
+    CHANNEL_INDICES = {"key_head_outliers": True, "key_outlier_index": False}
 
     def __init__(self, projection: Tensor, head_dim: int, outliers: int, group_size: int,
                  center: bool, seed: int = 0, outlier_scope: str = "group", outlier_bits: int = 16):

@@ -13,6 +13,9 @@ class SharedMatrices:
 
     SHARED_ATTRS: dict[str, str] = {}
     PARAM_ATTRS: dict[str, str] = {}
+    # Tensors of channel numbers (0..head_dim-1), by name; True: each row strictly ascending. A cache file's
+    # are checked before use, since a forged one could aim a gather outside a head.
+    CHANNEL_INDICES: dict[str, bool] = {}
 
     def params(self) -> dict[str, Tensor]:
         """Per-layer tensors that are not per token, shared matrices included (by their shared name)."""

@@ -2,9 +2,9 @@
 
 Layout of a `.qjl` file:
   tensors   `layers.{i}.{name}` for every document tensor of layer i (codec states, exact window,
-            per-layer parameters such as `key_head_outliers`), except the JL projection, which is
-            stored once per layer class as `projections.{seed}` (layers of a class share one matrix), and
-            likewise the turbo rotations as `rotations.{seed}` (keys) and `value_rotations.{seed}`;
+            per-layer parameters), from QJLLayer.document_tensors(), and each per-model matrix (projection,
+            rotations) once as `{name}s.{seed}`, from QJLCache.shared_matrices(); every tensor's layout is
+            in docs/ARCHITECTURE.md, and this module knows none of them;
   metadata  strings only (safetensors' rule): format name and version, QJLConfig JSON, model name and
             identity, geometry, token counts, the prompt's suffix template, source file, creation time,
             and a sha256 checksum over the metadata and every tensor's name, dtype, shape and bytes.
@@ -243,7 +243,7 @@ def _window_layout(tensors: dict, path: Path) -> tuple[int, torch.dtype]:
     return batch, storage_dtype
 
 
-def _check_tensors(tensors: dict, expected: dict, head_dim: int, path: Path) -> None:
+def _check_tensors(tensors: dict, expected: dict, indices: dict[str, bool], head_dim: int, path: Path) -> None:
     """The file's tensors are exactly the expected ones, each of its dtype and shape, and no index in them
     points outside a head (gather would then fail on a forged file)."""
     if set(tensors) != set(expected):
@@ -256,11 +256,12 @@ def _check_tensors(tensors: dict, expected: dict, head_dim: int, path: Path) -> 
             raise CacheFileError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} "
                                  f"{want_shape}; the file does not match the model, save the document again")
     for name, t in tensors.items():
-        if name.endswith(("key_head_outliers", "key_outlier_index")) and t.numel():
+        ascending = indices.get(name.rsplit(".", 1)[-1])
+        if ascending is not None and t.numel():
             if int(t.min()) < 0 or int(t.max()) >= head_dim:
                 raise CacheFileError(f"{path}: tensor {name} holds channel numbers outside 0..{head_dim - 1}; "
                                      f"the file is corrupted, save the document again")
-            if name.endswith("key_head_outliers") and t.shape[-1] > 1 and not bool((t.diff(dim=-1) > 0).all()):
+            if ascending and t.shape[-1] > 1 and not bool((t.diff(dim=-1) > 0).all()):
                 raise CacheFileError(f"{path}: tensor {name} repeats or disorders its channels; the file is "
                                      f"corrupted, save the document again")
 
@@ -293,7 +294,7 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
     for i, layer in enumerate(cache.layers):
         spec = layer.expected_tensors(batch, n_compressed[i], n_sink, tokens - n_compressed[i] - n_sink, storage_dtype)
         expected.update({f"layers.{i}.{name}": s for name, s in spec.items()})
-    _check_tensors(tensors, expected, head_dim, path)
+    _check_tensors(tensors, expected, cache.layers[0].channel_indices(), head_dim, path)
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     shared = {name: tensors[name].to(device) for name in cache.shared_matrices()}

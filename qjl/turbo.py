@@ -133,6 +133,7 @@ class TurboKeys(_Rotated):
 
     SHARED_ATTRS = {"rotation": "rotation", "projection": "projection"}
     PARAM_ATTRS = {"key_head_outliers": "head_outliers"}
+    CHANNEL_INDICES = {"key_head_outliers": True}
 
     def __init__(self, rotation: Tensor, bits: float, head_dim: int, rotation_seed: int = 0,
                  projection: Tensor | None = None, projection_seed: int = 0, outliers: int = 0,
