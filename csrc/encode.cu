@@ -1,0 +1,275 @@
+// Encode kernels: the CUDA implementations of qjl::sign_bits, qjl::scalar_quantize, qjl::vq_nearest,
+// qjl::int_quantize and the code stage of qjl::turbo_encode (the rotation itself is a cuBLAS matmul done by
+// the Python wrapper, exactly as the torch op does it, so both see the same rotated numbers).
+// The torch code in qjl/ops/encode.py and qjl/turbo.py is the specification. Layouts: csrc/README.md.
+#include "common.cuh"
+
+namespace qjl {
+namespace {
+
+constexpr int MAXP = 2;  // code parts (fractional bits: floor(bits) and one more)
+
+// --- sign_bits: x > 0 packed 8 to a byte (bit j of byte i is x[8i + j]) by a warp ballot -------------------
+template <typename T>
+__global__ void sign_bits_kernel(const T* __restrict__ x, uint8_t* __restrict__ out, int64_t n) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; w * 32 < n; w += warps) {
+    const int64_t i = w * 32 + lane;
+    const bool pos = i < n && to_f(x[i]) > 0.f;
+    const unsigned bits = __ballot_sync(0xffffffffu, pos);
+    if ((lane & 7) == 0 && i < n) out[i >> 3] = static_cast<uint8_t>((bits >> lane) & 0xffu);
+  }
+}
+
+// --- scalar (Lloyd-Max) and vq4 codes of rows, with the least-squares fit ------------------------------------
+struct CodeParams {
+  int64_t rows;
+  int dim;
+  int nparts;
+  int start[MAXP], len[MAXP], bits[MAXP];
+  const float* bounds[MAXP];     // [2^b - 1] sorted
+  const float* centroids[MAXP];  // [2^b] or nullptr (no fit)
+  uint8_t* out[MAXP];            // [rows, len * bits / 8]
+  const float* book;             // vq: [K, 4] or nullptr
+  int K;
+  float* fit;                    // [rows] or nullptr
+};
+
+// One warp a row; lane handles octets (8 coordinates: b bytes of b-bit codes, or 2 vq4 bytes).
+__global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
+  __shared__ float sb[MAXP][16], sc[MAXP][16];
+  __shared__ float book[256 * 4], hn[256];
+  for (int q = 0; q < p.nparts; ++q) {
+    const int nb = (1 << p.bits[q]) - 1;
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) sb[q][i] = p.bounds[q][i];
+    if (p.centroids[q])
+      for (int i = threadIdx.x; i <= nb; i += blockDim.x) sc[q][i] = p.centroids[q][i];
+  }
+  if (p.book) {
+    for (int i = threadIdx.x; i < p.K * 4; i += blockDim.x) book[i] = p.book[i];
+    __syncthreads();
+    for (int k = threadIdx.x; k < p.K; k += blockDim.x) {
+      const float* c = book + 4 * k;
+      hn[k] = 0.5f * (c[0] * c[0] + c[1] * c[1] + c[2] * c[2] + c[3] * c[3]);
+    }
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  const int octets = p.dim / 8;
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < p.rows; row += warps) {
+    const float* yr = y + row * p.dim;
+    float dot = 0.f, nn = 0.f;
+    for (int o = lane; o < octets; o += 32) {
+      float v[8];
+#pragma unroll
+      for (int s = 0; s < 8; ++s) v[s] = yr[8 * o + s];
+      if (p.book) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float* gv = v + 4 * half;
+          int best = 0;
+          float bs = -INFINITY;
+          for (int k = 0; k < p.K; ++k) {
+            const float* c = book + 4 * k;
+            const float s = (gv[0] * c[0] + gv[1] * c[1] + gv[2] * c[2] + gv[3] * c[3]) - hn[k];
+            if (s > bs) { bs = s; best = k; }  // strict: the first of equal scores, as argmax
+          }
+          p.out[0][row * (p.dim / 4) + 2 * o + half] = static_cast<uint8_t>(best);
+          const float* c = book + 4 * best;
+#pragma unroll
+          for (int s = 0; s < 4; ++s) { dot += c[s] * gv[s]; nn += c[s] * c[s]; }
+        }
+      } else {
+        int q = 0;
+        while (q + 1 < p.nparts && 8 * o >= p.start[q + 1]) ++q;
+        const int b = p.bits[q], nb = (1 << b) - 1;
+        uint32_t word = 0;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          int code = 0;
+          for (int i = 0; i < nb; ++i) code += sb[q][i] < v[s] ? 1 : 0;  // torch.bucketize(right=False)
+          word |= static_cast<uint32_t>(code) << (s * b);
+          if (p.centroids[q]) { const float c = sc[q][code]; dot += c * v[s]; nn += c * c; }
+        }
+        uint8_t* dst = p.out[q] + row * (p.len[q] * b / 8) + ((8 * o - p.start[q]) / 8) * b;
+        for (int k = 0; k < b; ++k) dst[k] = static_cast<uint8_t>((word >> (8 * k)) & 0xffu);
+      }
+    }
+    if (p.fit) {
+      dot = warp_sum(dot);
+      nn = warp_sum(nn);
+      if (lane == 0) p.fit[row] = dot / fmaxf(nn, 1e-30f);
+    }
+  }
+}
+
+// --- int_quantize: asymmetric integer codes per group, scale and minimum rounded to fp16 first ---------------
+__global__ void int_quantize_kernel(const float* __restrict__ v, uint8_t* __restrict__ codes, __half* __restrict__ scales,
+                                    __half* __restrict__ mins, int64_t ngroups, int group, int bits) {
+  const int levels = (1 << bits) - 1, per = 8 / bits;
+  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; gi < ngroups;
+       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float* x = v + gi * group;
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < group; ++i) { lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]); }
+    const __half lo_h = __float2half_rn(lo);
+    const float lo_f = __half2float(lo_h);
+    const __half sc_h = __float2half_rn((hi - lo_f) / static_cast<float>(levels));
+    const float sc_f = __half2float(sc_h);
+    const float safe = sc_f > 0.f ? sc_f : 1.f;
+    scales[gi] = sc_h;
+    mins[gi] = lo_h;
+    uint8_t* out = codes + gi * (group * bits / 8);
+    for (int byte = 0; byte < group / per; ++byte) {
+      uint32_t w = 0;
+      for (int k = 0; k < per; ++k) {
+        float c = rintf((x[byte * per + k] - lo_f) / safe);
+        c = fminf(fmaxf(c, 0.f), static_cast<float>(levels));
+        w |= static_cast<uint32_t>(c) << (k * bits);
+      }
+      out[byte] = static_cast<uint8_t>(w);
+    }
+  }
+}
+
+int grid_for(int64_t work, int threads) {
+  const int64_t want = (work + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, 32LL * num_sms())));
+}
+
+}  // namespace
+
+at::Tensor sign_bits(const at::Tensor& x) {
+  QJL_CHECK_CUDA_TENSOR(x, "x");
+  QJL_CHECK_CONTIGUOUS(x, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 8 == 0, "qjl kernels: sign_bits needs a last dim that is a multiple of 8");
+  auto sizes = x.sizes().vec();
+  sizes.back() /= 8;
+  at::Tensor out = at::empty(sizes, x.options().dtype(at::kByte));
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  const int threads = 256;
+  const int grid = grid_for((n + 31) / 32 * 32, threads);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  switch (x.scalar_type()) {
+    case at::kFloat: sign_bits_kernel<float><<<grid, threads, 0, stream>>>(x.data_ptr<float>(), out.data_ptr<uint8_t>(), n); break;
+    case at::kHalf: sign_bits_kernel<__half><<<grid, threads, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), out.data_ptr<uint8_t>(), n); break;
+    case at::kBFloat16: sign_bits_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), out.data_ptr<uint8_t>(), n); break;
+    default: TORCH_CHECK(false, "qjl-unsupported: sign_bits of ", x.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// y float32 [..., dim] contiguous. Scalar: parts (bits, len, boundaries, centroids or empty) covering dim in
+// order -> packed codes of each part [..., len*bits/8]. vq: book float32 [K <= 256, 4] -> codes [..., dim/4].
+// want_fit: also <y, y_hat> / max(|y_hat|^2, 1e-30) per row (float32 [...]), else an empty tensor.
+std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y, const std::vector<int64_t>& bits,
+                                                             const std::vector<int64_t>& lengths,
+                                                             const std::vector<at::Tensor>& boundaries,
+                                                             const std::vector<at::Tensor>& centroids,
+                                                             const c10::optional<at::Tensor>& book, bool want_fit) {
+  QJL_CHECK_CUDA_TENSOR(y, "y");
+  QJL_CHECK_DTYPE(y, at::kFloat, "y");
+  QJL_CHECK_CONTIGUOUS(y, "y");
+  TORCH_CHECK(y.dim() >= 1, "qjl kernels: y needs a last dim");
+  CodeParams p{};
+  p.dim = static_cast<int>(y.size(-1));
+  p.rows = p.dim ? y.numel() / p.dim : 0;
+  TORCH_CHECK(p.dim % 8 == 0, "qjl-unsupported: ", p.dim, " coordinates (a multiple of 8)");
+  auto lead = y.sizes().vec();
+  lead.pop_back();
+  std::vector<at::Tensor> outs;
+  if (book.has_value()) {
+    const at::Tensor& b = *book;
+    QJL_CHECK_CUDA_TENSOR(b, "codebook");
+    QJL_CHECK_DTYPE(b, at::kFloat, "codebook");
+    QJL_CHECK_CONTIGUOUS(b, "codebook");
+    TORCH_CHECK(b.dim() == 2 && b.size(1) == 4 && b.size(0) >= 1 && b.size(0) <= 256,
+                "qjl-unsupported: codebook of shape ", b.sizes(), " (kernels: [K <= 256, 4])");
+    p.book = b.data_ptr<float>();
+    p.K = static_cast<int>(b.size(0));
+    p.nparts = 1;
+    auto s = lead;
+    s.push_back(p.dim / 4);
+    outs.push_back(at::empty(s, y.options().dtype(at::kByte)));
+    p.out[0] = outs[0].data_ptr<uint8_t>();
+    p.bits[0] = 2; p.start[0] = 0; p.len[0] = p.dim;
+  } else {
+    const int np = static_cast<int>(bits.size());
+    TORCH_CHECK(np >= 1 && np <= MAXP && lengths.size() == bits.size() && boundaries.size() == bits.size() &&
+                (centroids.empty() || centroids.size() == bits.size()),
+                "qjl-unsupported: ", np, " code parts");
+    p.nparts = np;
+    int a = 0;
+    for (int q = 0; q < np; ++q) {
+      TORCH_CHECK(bits[q] >= 1 && bits[q] <= 4, "qjl-unsupported: ", bits[q], "-bit codes");
+      TORCH_CHECK(lengths[q] % 8 == 0, "qjl kernels: part lengths must be multiples of 8");
+      const at::Tensor& bd = boundaries[q];
+      QJL_CHECK_CUDA_TENSOR(bd, "boundaries");
+      QJL_CHECK_DTYPE(bd, at::kFloat, "boundaries");
+      QJL_CHECK_CONTIGUOUS(bd, "boundaries");
+      TORCH_CHECK(bd.numel() == (1 << bits[q]) - 1, "qjl kernels: ", bits[q], "-bit codes need ", (1 << bits[q]) - 1,
+                  " boundaries");
+      p.bits[q] = static_cast<int>(bits[q]);
+      p.start[q] = a;
+      p.len[q] = static_cast<int>(lengths[q]);
+      p.bounds[q] = bd.data_ptr<float>();
+      p.centroids[q] = nullptr;
+      if (!centroids.empty()) {
+        const at::Tensor& c = centroids[q];
+        QJL_CHECK_CUDA_TENSOR(c, "centroids");
+        QJL_CHECK_DTYPE(c, at::kFloat, "centroids");
+        QJL_CHECK_CONTIGUOUS(c, "centroids");
+        TORCH_CHECK(c.numel() == (1 << bits[q]), "qjl kernels: centroids of part ", q);
+        p.centroids[q] = c.data_ptr<float>();
+      }
+      auto s = lead;
+      s.push_back(lengths[q] * bits[q] / 8);
+      outs.push_back(at::empty(s, y.options().dtype(at::kByte)));
+      p.out[q] = outs.back().data_ptr<uint8_t>();
+      a += static_cast<int>(lengths[q]);
+    }
+    TORCH_CHECK(a == p.dim, "qjl kernels: parts cover ", a, " of ", p.dim, " coordinates");
+    TORCH_CHECK(!want_fit || !centroids.empty(), "qjl kernels: the fit needs the centroids");
+  }
+  at::Tensor fit = want_fit ? at::empty(lead, y.options()) : at::Tensor();
+  p.fit = want_fit ? fit.data_ptr<float>() : nullptr;
+  if (p.rows > 0) {
+    const int threads = 256;
+    codes_kernel<<<grid_for(p.rows * 32, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        y.data_ptr<float>(), p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {outs, fit};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& v, int64_t bits, int64_t group) {
+  QJL_CHECK_CUDA_TENSOR(v, "v");
+  QJL_CHECK_DTYPE(v, at::kFloat, "v");
+  QJL_CHECK_CONTIGUOUS(v, "v");
+  TORCH_CHECK(v.dim() == 4, "qjl kernels: int_quantize takes [B, H, T, D]");
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "qjl-unsupported: ", bits, "-bit integer codes");
+  const int64_t D = v.size(3);
+  TORCH_CHECK(group >= 1 && D % group == 0 && (group * bits) % 8 == 0,
+              "qjl-unsupported: group ", group, " of ", bits, "-bit codes in ", D, " channels");
+  auto s = v.sizes().vec();
+  s[3] = D * bits / 8;
+  at::Tensor codes = at::empty(s, v.options().dtype(at::kByte));
+  s[3] = D / group;
+  at::Tensor scales = at::empty(s, v.options().dtype(at::kHalf));
+  at::Tensor mins = at::empty(s, v.options().dtype(at::kHalf));
+  const int64_t ngroups = v.numel() / group;
+  if (ngroups > 0) {
+    const int threads = 128;
+    int_quantize_kernel<<<grid_for(ngroups, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        v.data_ptr<float>(), codes.data_ptr<uint8_t>(), reinterpret_cast<__half*>(scales.data_ptr()),
+        reinterpret_cast<__half*>(mins.data_ptr()), ngroups, static_cast<int>(group), static_cast<int>(bits));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {codes, scales, mins};
+}
+
+}  // namespace qjl
