@@ -30,7 +30,7 @@ def _status_kib(field: str) -> int | None:
 
 
 def _release_cpu_memory() -> None:
-    gc.collect()
+    gc.collect(0)  # the caches go by reference counting; a full collection of a big heap can take a second
     try:  # hand freed heap pages back to the OS, so the next row's RSS growth starts from what is really held
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
