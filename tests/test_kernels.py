@@ -1,0 +1,299 @@
+"""The CUDA kernels' dispatch on a machine without a GPU: nothing is built, the torch ops answer, the CLI says
+so in one line, bad inputs get clear errors or the fallback's one warning. (The kernels themselves:
+tests/test_gpu_kernels.py, on a GPU.)"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+import qjl.kernels as K
+from qjl.ops import int_quantize, sign_bits, turbo_attention
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without CUDA")
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    K.reset()
+    yield
+    K.reset()
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Any attempt to build fails the test."""
+    def boom(*a, **k):
+        raise AssertionError("a build was attempted")
+
+    monkeypatch.setattr(K, "build", boom)
+    monkeypatch.setattr(K, "_sources", boom)
+
+
+def _app() -> typer.Typer:
+    from qjl_cli import kernels as cli
+
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """test app"""
+
+    cli.register(app)
+    return app
+
+
+# --- registration and the no-CUDA path -------------------------------------------------------------------------
+def test_every_op_has_a_cuda_implementation_and_keeps_its_torch_one():
+    names = {"qjl::turbo_attention", "qjl::sketch_attention", "qjl::turbo_encode", "qjl::scalar_quantize",
+             "qjl::vq_nearest", "qjl::int_quantize", "qjl::sign_bits"}
+    assert set(K.TORCH_IMPL) == names
+    for name, (op, impl) in K._ops().items():
+        assert "cuda" in op._backend_fns
+        assert K.TORCH_IMPL[name] is op._init_fn
+    K.register()  # idempotent
+    assert set(K.TORCH_IMPL) == names
+
+
+@needs_no_cuda
+def test_no_cuda_builds_nothing_and_the_ops_run_torch(no_build):
+    x = torch.randn(3, 16)
+    assert torch.equal(sign_bits(x), K.TORCH_IMPL["qjl::sign_bits"](x))
+    assert K.ensure_loaded() is None
+    assert K.status()["status"] == "off" and "CUDA" in K.status()["reason"]
+    assert "qjl_kernels" not in __import__("sys").modules
+
+
+def test_switched_off_builds_nothing(monkeypatch, no_build):
+    monkeypatch.setenv(K.ENV, "0")
+    assert not K.enabled()
+    assert K.ensure_loaded() is None
+    assert K.status() == {"status": "off", "reason": f"{K.ENV}=0", "build": None}
+    assert not K._ready()
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("", True), ("0", False), ("off", False), ("False", False)])
+def test_env_switch(monkeypatch, value, on):
+    monkeypatch.setenv(K.ENV, value)
+    assert K.enabled() is on
+
+
+def test_wrappers_call_the_torch_op_when_the_kernels_are_not_ready(monkeypatch, no_build):
+    """What the CUDA wrappers do when not ready (QJL_KERNELS=0, failed build): exactly the torch op."""
+    monkeypatch.setenv(K.ENV, "0")
+    case = K.turbo_case(64, 2, 2, 1, 64, 5, torch.float32, "cpu")
+    ref = K.TORCH_IMPL[case.op](*case.args)
+    assert torch.equal(K.turbo_attention_cuda(*case.args), ref)
+    v = torch.randn(1, 2, 4, 64)
+    for got, want in zip(K.int_quantize_cuda(v, 2, 64), int_quantize(v, 2, 64)):
+        assert torch.equal(got, want)
+
+
+def test_a_failed_build_warns_once_and_uses_torch(monkeypatch):
+    monkeypatch.setattr(K.torch.cuda, "is_available", lambda: True)
+
+    def fail(verbose=False):
+        raise K.KernelError("building the CUDA kernels failed (nvcc: not found)")
+
+    monkeypatch.setattr(K, "build", fail)
+    with pytest.warns(RuntimeWarning, match="not used: building the CUDA kernels failed") as rec:
+        assert K.ensure_loaded() is None
+        assert K.ensure_loaded() is None
+        assert not K._ready()
+    assert len(rec) == 1
+    assert K.status()["status"] == "failed"
+
+
+def test_a_failed_self_test_disables_the_kernels(monkeypatch):
+    monkeypatch.setattr(K.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(K, "build", lambda verbose=False: object())
+    bad = K.ParityRow("qjl::sign_bits", "4x16", "float32", 0.5, 0.0, False)
+    monkeypatch.setattr(K, "parity", lambda *a, **k: [bad])
+    monkeypatch.setattr(K, "cases", lambda *a, **k: [])
+    with pytest.warns(RuntimeWarning, match=r"self-test failed \(1 case\(s\); first: qjl::sign_bits 4x16"):
+        assert K.ensure_loaded() is None
+    assert K.status()["status"] == "failed" and not K._ready()
+
+
+# --- the fallback warning ---------------------------------------------------------------------------------------
+def test_fallback_warns_once_per_op_and_reason():
+    with pytest.warns(RuntimeWarning) as rec:
+        for _ in range(3):
+            K.fallback("qjl::turbo_attention", "head_dim 96 (kernels: 64, 128)")
+        K.fallback("qjl::turbo_attention", "2-bit keys (kernels: 3)")
+        K.fallback("qjl::sketch_attention", "head_dim 96 (kernels: 64, 128)")
+    msgs = [str(r.message) for r in rec]
+    assert len(msgs) == 3
+    assert msgs[0] == ("qjl kernels: no CUDA kernel for qjl::turbo_attention with head_dim 96 (kernels: 64, 128); "
+                       "using the torch op")
+
+
+def test_unsupported_errors_from_the_extension_become_a_reason():
+    e = RuntimeError("qjl-unsupported: the attention kernel needs 300000 bytes of shared memory\nException raised from")
+    assert K._unsupported(e) == "the attention kernel needs 300000 bytes of shared memory"
+    assert K._unsupported(RuntimeError("CUDA error: an illegal memory access")) is None
+
+
+# --- build cache key ----------------------------------------------------------------------------------------------
+def test_build_key_is_deterministic_and_names_torch_and_arch():
+    a, b = K.build_key("9.0", "2.14.1+cu130"), K.build_key("9.0", "2.14.1+cu130")
+    assert a == b
+    assert "torch2_14_1_cu130" in a and a.endswith("sm90")
+    assert K.build_key("8.0", "2.14.1+cu130") != a
+    assert K.build_key("9.0", "2.13.0") != a
+
+
+def test_build_key_follows_the_sources_and_flags(monkeypatch):
+    src = K._sources()
+    before = src.source_hash()
+    monkeypatch.setattr(src, "NVCC_FLAGS", src.NVCC_FLAGS + ["-DQJL_TEST"])
+    assert src.source_hash() != before
+    assert all((src.CSRC / s).is_file() for s in src.SOURCES + src.HEADERS)
+
+
+def test_build_root_under_qjl_home(qjl_home):
+    assert K.build_root() == qjl_home / "kernels"
+
+
+@needs_no_cuda
+def test_build_without_cuda_is_a_user_error():
+    with pytest.raises(K.KernelError, match="no CUDA device"):
+        K.build()
+    with pytest.raises(K.KernelError, match="no CUDA device"):
+        K.check()
+    from qjl.errors import QJLError
+
+    assert issubclass(K.KernelError, QJLError)
+
+
+# --- the CLI --------------------------------------------------------------------------------------------------------
+@needs_no_cuda
+@pytest.mark.parametrize("cmd", ["check", "build"])
+def test_cli_without_cuda_says_so_in_one_line(cmd, no_build):
+    result = CliRunner().invoke(_app(), ["kernels", cmd])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0]
+
+
+def test_cli_switched_off_says_so(monkeypatch, no_build):
+    monkeypatch.setenv(K.ENV, "0")
+    result = CliRunner().invoke(_app(), ["kernels", "check"])
+    assert result.exit_code == 0 and "switched off" in result.output
+
+
+def test_cli_help_lists_both_commands():
+    result = CliRunner().invoke(_app(), ["kernels", "--help"])
+    assert result.exit_code == 0
+    assert "build" in result.output and "check" in result.output
+
+
+# --- input checks of the dispatch wrappers (called directly; device_type "cpu" tests the other rules) -----------
+def _turbo(**change):
+    case = K.turbo_case(64, 2, 2, 1, 64, 5, torch.bfloat16, "cpu", seed=3)
+    names = ["q", "exact_k", "exact_v", "key_codes", "key_bits", "key_centroids", "key_norms", "key_rotation",
+             "channels", "rest", "outlier_values", "outlier_scales", "outlier_mins", "outlier_bits", "group_size",
+             "residual_signs", "residual_norms", "residual_projection", "residual_scale", "value_codes",
+             "value_bits", "value_tables", "value_norms", "value_rotation", "scaling"]
+    return dict(zip(names, case.args)) | change
+
+
+def test_the_parity_cases_are_valid_op_arguments_and_supported():
+    for c in K.cases("self-test", device="cpu"):
+        if c.op == "qjl::turbo_attention":
+            assert K.check_turbo_attention(*c.args, device_type="cpu") is None, c.shape
+        elif c.op == "qjl::sketch_attention":
+            assert K.check_sketch_attention(*c.args, device_type="cpu") is None, c.shape
+    rows = K.parity(K.cases("self-test", device="cpu")[:4], timing=True, kernels=dict(K.TORCH_IMPL))
+    assert all(r.ok and r.max_err == 0 for r in rows)
+    assert all(r.kernel_ms is not None and r.speedup is not None for r in rows)
+    table = K.format_table(rows)
+    assert table.splitlines()[0].split()[:6] == ["op", "shape", "dtype", "max", "err", "tol"]
+    assert table.splitlines()[-1] == "4 of 4 pass"
+
+
+def test_cpu_tensors_to_the_cuda_path_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"q is on cpu, but this is the cuda implementation"):
+        K.check_turbo_attention(**_turbo())
+    with pytest.raises(ValueError, match=r"y is on cpu"):
+        K.check_codes(torch.randn(4, 8), [3], [8], None)
+
+
+def test_wrong_dtypes_are_a_clear_error():
+    args = _turbo()
+    with pytest.raises(TypeError, match="key_norms must be float16, not float32"):
+        K.check_turbo_attention(**(args | {"key_norms": args["key_norms"].float()}), device_type="cpu")
+    with pytest.raises(TypeError, match=r"key_codes\[0\] must be uint8, not int32"):
+        K.check_turbo_attention(**(args | {"key_codes": [args["key_codes"][0].int()]}), device_type="cpu")
+
+
+def test_unsupported_configurations_name_what_is_missing():
+    args = _turbo()
+    check = lambda **c: K.check_turbo_attention(**(args | c), device_type="cpu")  # noqa: E731
+    assert check() is None
+    q = args["q"]
+    assert check(q=torch.randn(1, 4, 1, 96, dtype=torch.bfloat16)) == "head_dim 96 (kernels: 64, 128)"
+    assert check(q=q.to(torch.float64)) == "queries of dtype torch.float64"
+    assert check(key_bits=[2]) == "2-bit keys (kernels: 3)"
+    assert check(value_bits=[2, 3], value_tables=args["value_tables"] * 2) == \
+        "2+3-bit values (kernels: one part of 2, 3 or 4 bits)"
+    assert check(residual_projection=torch.randn(64, 56)) == "a residual sketch (turbo_residual_ratio > 0)"
+    assert check(outlier_bits=4, group_size=8).startswith("4-bit outliers over 8-token groups")
+    n = 4 * len(args["exact_k"])
+    assert check(exact_k=args["exact_k"] * 4, exact_v=args["exact_v"] * 4) == f"{n} exact parts (kernels: 1 to 3)"
+    codes = args["key_codes"][0]
+    strided = torch.cat([codes, codes], dim=-1)[..., ::2]
+    assert check(key_codes=[strided]) == "a non-contiguous key_codes"
+
+
+def test_sketch_checks():
+    c = K.sketch_case(64, 2, 2, 1, 64, 5, torch.float16, "cpu")
+    assert K.check_sketch_attention(*c.args, device_type="cpu") is None
+    a = list(c.args)
+    a[18] = 8  # value_bits
+    assert K.check_sketch_attention(*a, device_type="cpu") == "8-bit values (kernels: 2, 4)"
+    a = list(c.args)
+    a[11] = torch.zeros(1, 2, 2, 8, dtype=torch.uint8)  # outlier_index: per-group outliers
+    assert K.check_sketch_attention(*a, device_type="cpu") == "per-group outliers (outlier_scope='group')"
+
+
+def test_code_checks():
+    y = torch.randn(4, 64)
+    assert K.check_codes(y, [3], [64], None, device_type="cpu") is None
+    assert K.check_codes(y, [2, 3], [48, 16], None, device_type="cpu") is None
+    assert K.check_codes(y.double(), [3], [64], None, device_type="cpu") == "torch.float64 input (kernels: float32)"
+    assert K.check_codes(torch.randn(4, 12), [3], [12], None, device_type="cpu").startswith("12 coordinates")
+    assert K.check_codes(y, [8], [64], None, device_type="cpu").startswith("8-bit codes")
+    assert K.check_codes(y, [], [], torch.randn(256, 4), device_type="cpu") is None
+    assert K.check_codes(y, [], [], torch.randn(16, 2), device_type="cpu").startswith("a codebook of shape (16, 2)")
+
+
+def test_exact_parts_are_made_kernel_ready():
+    q = torch.randn(1, 2, 1, 64, dtype=torch.bfloat16)
+    strided = torch.randn(1, 5, 2, 64, dtype=torch.bfloat16).transpose(1, 2)
+    half = torch.randn(1, 2, 4, 64, dtype=torch.float16)
+    rows_not_contiguous = torch.randn(1, 2, 64, 3, dtype=torch.bfloat16).transpose(2, 3)
+    a, b, c = K._exact_parts(q, [strided, half, rows_not_contiguous])
+    assert a is strided  # a strided view with contiguous rows is read in place
+    assert b.dtype == torch.bfloat16 and torch.equal(b, half.to(torch.bfloat16))
+    assert c.is_contiguous() and torch.equal(c, rows_not_contiguous)
+
+
+def test_torch_only_is_scoped():
+    assert not getattr(K._local, "torch_only", False)
+    with K.torch_only():
+        assert K._local.torch_only and not K._ready()
+    assert not K._local.torch_only
+
+
+def test_turbo_attention_on_cpu_is_untouched(no_build):
+    """The CPU path never reaches a wrapper: the op's torch implementation answers."""
+    case = K.turbo_case(64, 2, 2, 1, 64, 5, torch.float32, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = turbo_attention(*case.args)
+    assert torch.equal(out, K.TORCH_IMPL["qjl::turbo_attention"](*case.args))
