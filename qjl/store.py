@@ -107,7 +107,7 @@ def write_cache_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     data = save(tensors, metadata=metadata)
     folder = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise CacheFileError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
     try:
