@@ -19,7 +19,7 @@ import typer
 
 from qjl.config import QJLConfig
 
-from . import helptext, options, progress, render, seams
+from . import bench, helptext, kernels, options, progress, render, seams
 from .answers import Reply, answer_cache, answer_documents, inspect_cache
 from .errors import ExitCode, QJLGroup, interrupted, user_errors
 from .options import KVMode
@@ -164,6 +164,8 @@ def cache_load(
 
 
 # --- commands from other modules: each adds itself with `module.register(app)` (a typer.Typer) ----------
+bench.register(app)
+kernels.register(app)
 
 
 def run() -> None:
