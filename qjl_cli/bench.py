@@ -187,13 +187,17 @@ class _BarReporter:
 
 
 class _LineReporter(_nothing):
-    """Without a terminal: one line on stderr per finished row (for logs of long runs)."""
+    """Without a terminal: one line on stderr per stage and per finished row (for logs of long runs)."""
 
     def start(self, total: float) -> None:
-        pass
+        import time
+
+        self.t0 = time.monotonic()
 
     def stage(self, text: str) -> None:
-        pass
+        import time
+
+        print(f"qjl bench: [{time.monotonic() - self.t0:7.0f} s] {text}", file=sys.stderr, flush=True)
 
     def advance(self, amount: float) -> None:
         pass

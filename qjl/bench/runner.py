@@ -79,6 +79,24 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def kernels_state(device: torch.device) -> str:
+    """Whether compiled kernels run beneath the ops on this device: the CPU ones of qjl/native, the CUDA ones of
+    qjl/kernels (read after the run: both are built on first use). "off" where the module is absent."""
+    try:
+        if device.type == "cuda":
+            from .. import kernels
+
+            if not kernels.enabled():
+                return f"off ({kernels.ENV}=0)"
+            st = kernels.status()
+            return "on (CUDA)" if st["status"] == "loaded" else f"off ({st['status']}{': ' if st['reason'] else ''}{st['reason']})"
+        from .. import native
+
+        return "on (CPU, qjl/native)" if native.library() is not None else "off"
+    except ImportError:
+        return "off"
+
+
 def machine_info(device: torch.device, dtype: torch.dtype, peak_kind: str) -> dict:
     import transformers
 
@@ -91,7 +109,7 @@ def machine_info(device: torch.device, dtype: torch.dtype, peak_kind: str) -> di
         where = f"{name}, {threads} thread{'' if threads == 1 else 's'}"
     info = {"device": device.type, "name": name, "threads": threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "dtype": str(dtype).removeprefix("torch."), "kernels": "off", "peak_memory": peak_kind}
+            "dtype": str(dtype).removeprefix("torch."), "kernels": kernels_state(device), "peak_memory": peak_kind}
     info["line"] = (f"{where} · torch {info['torch']} · transformers {info['transformers']} · {info['dtype']} · "
                     f"kernels {info['kernels']}")
     return info
