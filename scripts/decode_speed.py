@@ -1,5 +1,8 @@
 """Decode ms/token of each KV mode at the same context, in one run.
 
+`qjl bench --context 4k` measures this (and prefill, first token, memory, the peers) in one command; this
+script stays for the figures BENCHMARKS.md quotes from it.
+
     python scripts/decode_speed.py --context 4096 --steps 32 --modes exact qjl turbo
     python scripts/decode_speed.py --synthetic llama-8b --context 4096 32768 --prefill-chunk 2048   # on a GPU
 

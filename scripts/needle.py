@@ -1,5 +1,7 @@
 """Needle in a haystack: does each KV mode find a sentence hidden in Paul Graham's essays?
 
+`qjl bench --quality` runs the same needles (depths 0-100%) beside perplexity and speed, peers included.
+
     python scripts/needle.py --lengths 2048 4096 --depths 0.1 0.3 0.5 0.7 0.9 --modes exact qjl turbo
 
 A six-digit code is put in one sentence at each depth of a document of each length; the
