@@ -10,6 +10,8 @@
 //          tile by tile with an online softmax; writes unnormalised partial sums and (max, sum) per row;
 //   merge  one block per query row: log-sum-exp merge of the splits; turbo applies the value rotation once
 //          to the compressed part's sum (which is in rotated space), then adds the exact part.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace qjl {
@@ -30,6 +32,7 @@ enum ValKind { VAL_TAB4 = 0, VAL_TAB2 = 1, VAL_TAB3 = 2, VAL_INT = 3 };
 
 struct Params {
   int B, H, g, L, rows, D;
+  int qtype;  // the query's (and exact parts') dtype: 0 float32, 1 float16, 2 bfloat16
   float scaling;
   // the query [B, H*g, L, D] in its dtype, strides in elements (last dim contiguous)
   const void* q;
@@ -552,15 +555,21 @@ __device__ void exact_split(const Params& p, uint8_t* smem, int bh, int r0, int 
   write_partial(p, out_s, stats, bh, r0, nr, p.nsplit_c + split_e);
 }
 
-template <typename T, int D, int KEY, int VK, int PER>
+// The query dtype is a run-time switch on the (small) exact path, so the compressed path, the bulk of the
+// code, is compiled once per (D, key kind, value kind) rather than once per dtype too.
+template <int D, int KEY, int VK, int PER>
 __global__ void __launch_bounds__(THREADS) attn_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int bh = blockIdx.y, r0 = blockIdx.z * NR;
   const int nr = min(NR, p.rows - r0);
-  if (static_cast<int>(blockIdx.x) < p.nsplit_c)
+  if (static_cast<int>(blockIdx.x) < p.nsplit_c) {
     compressed_split<D, KEY, VK, PER>(p, smem, bh, r0, nr, blockIdx.x);
-  else
-    exact_split<T, D>(p, smem, bh, r0, nr, blockIdx.x - p.nsplit_c);
+  } else {
+    const int s = blockIdx.x - p.nsplit_c;
+    if (p.qtype == 0) exact_split<float, D>(p, smem, bh, r0, nr, s);
+    else if (p.qtype == 1) exact_split<__half, D>(p, smem, bh, r0, nr, s);
+    else exact_split<__nv_bfloat16, D>(p, smem, bh, r0, nr, s);
+  }
 }
 
 // --- prep: rotate / sketch the query rows ------------------------------------------------------------
@@ -740,19 +749,19 @@ void choose_splits(Params& p) {
   p.nsplit_e = ceil_div(p.Ne, p.split_e);
 }
 
-template <typename T, int D, int KEY, int VK, int PER>
+template <int D, int KEY, int VK, int PER>
 void launch_attn(const Params& p, int smem) {
-  auto kernel = attn_kernel<T, D, KEY, VK, PER>;
+  auto kernel = attn_kernel<D, KEY, VK, PER>;
   if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(p.nsplit_c + p.nsplit_e, p.B * p.H, ceil_div(p.rows, NR));
   kernel<<<grid, THREADS, smem, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int KEY, int VK, int PER>
+template <int KEY, int VK, int PER>
 void launch_attn_d(const Params& p, int smem) {
-  if (p.D == 64) launch_attn<T, 64, KEY, VK, PER>(p, smem);
-  else launch_attn<T, 128, KEY, VK, PER>(p, smem);
+  if (p.D == 64) launch_attn<64, KEY, VK, PER>(p, smem);
+  else launch_attn<128, KEY, VK, PER>(p, smem);
 }
 
 // Everything after the checks: workspace, prep, attention, merge.
@@ -777,17 +786,18 @@ at::Tensor run(Params& p, const at::Tensor& q, int vkind, int per, const float* 
   p.ws_ml = ws_ml.data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();
   using CT = typename CudaType<T>::type;
+  p.qtype = std::is_same<CT, float>::value ? 0 : std::is_same<CT, __half>::value ? 1 : 2;
   const int nrows = p.B * p.H * p.rows;
   prep_kernel<CT, KEY><<<nrows, THREADS, 2 * p.D * sizeof(float), stream>>>(p, mat, channels, rest, key_mean,
                                                                                  qp.data_ptr<float>(), p.qconst ? qconst.data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (KEY == KEY_TURBO3) {
-    if (vkind == VAL_TAB4) launch_attn_d<CT, KEY, VAL_TAB4, 4>(p, smem);
-    else if (vkind == VAL_TAB2) launch_attn_d<CT, KEY, VAL_TAB2, 2>(p, smem);
-    else launch_attn_d<CT, KEY, VAL_TAB3, 8>(p, smem);
+    if (vkind == VAL_TAB4) launch_attn_d<KEY, VAL_TAB4, 4>(p, smem);
+    else if (vkind == VAL_TAB2) launch_attn_d<KEY, VAL_TAB2, 2>(p, smem);
+    else launch_attn_d<KEY, VAL_TAB3, 8>(p, smem);
   } else {
-    if (per == 4) launch_attn_d<CT, KEY, VAL_INT, 4>(p, smem);
-    else launch_attn_d<CT, KEY, VAL_INT, 2>(p, smem);
+    if (per == 4) launch_attn_d<KEY, VAL_INT, 4>(p, smem);
+    else launch_attn_d<KEY, VAL_INT, 2>(p, smem);
   }
   if (KEY == KEY_TURBO3)
     merge_kernel<CT, true><<<nrows, p.D, 2 * p.D * sizeof(float), stream>>>(p, value_rotation,

@@ -36,18 +36,29 @@ def _no_cuda_line() -> str | None:
 
 
 def build(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the compiler's output.")) -> None:
-    """Compile the kernels for this GPU now (otherwise the first CUDA run does it)."""
+    """Compile the kernels for this GPU now and self-test them (otherwise the first CUDA run does it)."""
     with user_errors():
         line = _no_cuda_line()
         if line:
             typer.echo(line)
             return
+        import warnings
+
         from qjl import kernels
 
-        kernels.build(verbose=verbose)
+        kernels.reset()
+        if verbose:
+            kernels.build(verbose=True)  # the compiler's output; ensure_loaded below finds the build cached
+            kernels.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the reason goes into the error below instead
+            loaded = kernels.ensure_loaded()
+        if loaded is None:
+            raise kernels.KernelError(kernels.status()["reason"])
         info = kernels.status()["build"] or {}
         how = "cached build" if info.get("cached") else f"built in {info.get('seconds')} s"
-        typer.echo(f"qjl kernels: {how} for sm_{str(info.get('arch', '')).replace('.', '')} in {info.get('folder')}")
+        typer.echo(f"qjl kernels: {how} for sm_{str(info.get('arch', '')).replace('.', '')} in {info.get('folder')}; "
+                   f"self-test passed")
 
 
 def check(as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")) -> None:

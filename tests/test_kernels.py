@@ -297,3 +297,17 @@ def test_turbo_attention_on_cpu_is_untouched(no_build):
         warnings.simplefilter("error")
         out = turbo_attention(*case.args)
     assert torch.equal(out, K.TORCH_IMPL["qjl::turbo_attention"](*case.args))
+
+
+def test_cli_build_failure_is_a_one_line_user_error(monkeypatch):
+    monkeypatch.setattr(K.torch.cuda, "is_available", lambda: True)
+
+    def fail(verbose=False):
+        raise K.KernelError("building the CUDA kernels failed (nvcc fatal: Unsupported gpu architecture)")
+
+    monkeypatch.setattr(K, "build", fail)
+    result = CliRunner().invoke(_app(), ["kernels", "build"])
+    text = result.output + (getattr(result, "stderr", "") or "")
+    assert result.exit_code == 2, text
+    assert "building the CUDA kernels failed (nvcc fatal: Unsupported gpu architecture)" in text
+    assert "Traceback" not in text
