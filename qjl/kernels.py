@@ -266,7 +266,9 @@ def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroid
                               **{f"exact_k[{i}]": t for i, t in enumerate(exact_k)},
                               **{f"exact_v[{i}]": t for i, t in enumerate(exact_v)},
                               **{f"key_codes[{i}]": t for i, t in enumerate(key_codes)},
-                              **{f"value_codes[{i}]": t for i, t in enumerate(value_codes)}})
+                              **{f"key_centroids[{i}]": t for i, t in enumerate(key_centroids)},
+                              **{f"value_codes[{i}]": t for i, t in enumerate(value_codes)},
+                              **{f"value_tables[{i}]": t for i, t in enumerate(value_tables)}})
     for i, t in enumerate(key_codes):
         _dtype(t, f"key_codes[{i}]", torch.uint8)
     for i, t in enumerate(value_codes):
