@@ -17,7 +17,8 @@ import re
 import sys
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence, TextIO
-from .errors import DocumentError  # noqa: F401 - re-exported
+
+from .errors import DocumentError, DocumentTooLongError  # noqa: F401 - re-exported
 
 STDIN = "-"
 STDIN_NAME = "<stdin>"
@@ -27,50 +28,104 @@ STDIN_NAME = "<stdin>"
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 MAX_PDF_BYTES = 512 * 1024 * 1024
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
-
 # progress(done, total, what): pages of a PDF extracted so far.
 Progress = Callable[[int, int, str], None]
+# Text worth reading for a context of n tokens: n x CHARS_PER_TOKEN characters (English averages about 4 a
+# token; 32 leaves room for separators and whitespace runs), so the text a PDF expands to (KBs of compressed
+# content can extract to many MB) stays proportional to the context. A page's content stream is parsed only up
+# to CONTENT_BYTES_PER_CHAR bytes per character still wanted (pypdf takes microseconds a byte); past that the
+# page is cut and its text counts as over the bound.
+CHARS_PER_TOKEN = 32
+CONTENT_BYTES_PER_CHAR = 4
+KEEP_MODES = ("head", "tail", "middle")
 
+
+def max_chars_for(context_tokens: int) -> int:
+    return max(1, int(context_tokens)) * CHARS_PER_TOKEN
+
+
+class TextTooLongError(DocumentTooLongError):
+    """The text is past the character bound of the context (before any tokenizing): exit 6, naming --truncate."""
+
+    def __init__(self, name: str, max_chars: int):
+        self.document_tokens, self.limit = 0, max_chars // CHARS_PER_TOKEN
+        self.context = self.limit
+        Exception.__init__(self, f"{name} has more than {max_chars:,} characters of text, more than the model's "
+                                 f"context of {self.context:,} tokens can hold; give --truncate head|tail|middle to "
+                                 f"keep part of it, or shorten or split the document")
+
+
+class Bound:
+    """At most `max_chars` of text (None: no bound); past it `keep` (head|tail|middle) is kept, or without `keep`
+    TextTooLongError. `cut`: characters left out (at least)."""
+
+    def __init__(self, max_chars: Optional[int] = None, keep: Optional[str] = None):
+        if keep is not None and keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, not {keep!r}")
+        self.max_chars, self.keep, self.cut = max_chars, keep, 0
+
+    def apply(self, text: str, name: str, more: bool = False) -> str:
+        """`text` within the bound (`more`: text past it was not even read)."""
+        if self.max_chars is None or (len(text) <= self.max_chars and not more):
+            return text
+        if self.keep is None:
+            raise TextTooLongError(name, self.max_chars)
+        n = self.max_chars
+        self.cut += max(1, len(text) - n)
+        head = {"head": n, "tail": 0, "middle": (n + 1) // 2}[self.keep]
+        return text[:head] + text[len(text) - (n - head):] if n > head else text[:head]
 
 
 def read_document(path: str, stdin: BinaryIO | TextIO | None = None, password: Optional[str] = None,
-                  progress: Optional[Progress] = None) -> tuple[str, str]:
+                  progress: Optional[Progress] = None, bound: Optional[Bound] = None) -> tuple[str, str]:
     """Read a .txt/.md/.pdf/.html file (or stdin for "-") -> (text, display name).
 
     `stdin` replaces sys.stdin for "-" (binary or text stream); `password` opens an encrypted PDF;
-    `progress(done, total, name)` is called per PDF page. Raises DocumentError.
+    `progress(done, total, name)` is called per PDF page; `bound` limits the text (a PDF's pages are not read
+    past it). Raises DocumentError (TextTooLongError past the bound without `bound.keep`).
     """
+    bound = bound or Bound()
     if path == STDIN:
-        data = _read_stream(stdin if stdin is not None else sys.stdin)
-        return document_text(data, STDIN_NAME, password=password, progress=progress), STDIN_NAME
+        stream = stdin if stdin is not None else sys.stdin
+        if stream is None:  # fd 0 closed (`exec 0<&-`): Python has no sys.stdin
+            raise DocumentError("- reads the document from stdin, but stdin is closed; pipe the document in or "
+                                "give its file name")
+        data = _read_stream(stream)
+        text = document_text(data, STDIN_NAME, password=password, progress=progress, bound=bound)
+        return bound.apply(text, STDIN_NAME), STDIN_NAME
     p = Path(path)
     limit = MAX_PDF_BYTES if p.suffix.lower() == ".pdf" else MAX_DOCUMENT_BYTES
     data = _read_file(p, path, limit)
-    return document_text(data, path, suffix=p.suffix.lower(), password=password, progress=progress), path
+    text = document_text(data, path, suffix=p.suffix.lower(), password=password, progress=progress, bound=bound)
+    return bound.apply(text, path), path
 
 
 def read_documents(paths: Sequence[str], stdin: BinaryIO | TextIO | None = None, password: Optional[str] = None,
-                   progress: Optional[Progress] = None) -> tuple[str, str]:
-    """Several documents as one: each introduced by a line `=== NAME ===`; one path is read_document's text."""
+                   progress: Optional[Progress] = None, bound: Optional[Bound] = None) -> tuple[str, str]:
+    """Several documents as one: each introduced by a line `=== NAME ===`; one path is read_document's text.
+
+    `bound` applies to each document and to them all together."""
     if not paths:
         raise DocumentError("no document given; name a file, or - for stdin")
     if list(paths).count(STDIN) > 1:
         raise DocumentError("- (stdin) is given more than once; stdin can be read only once")
+    bound = bound or Bound()
     if len(paths) == 1:
-        return read_document(paths[0], stdin=stdin, password=password, progress=progress)
+        return read_document(paths[0], stdin=stdin, password=password, progress=progress, bound=bound)
     parts, names = [], []
     for path in paths:
-        text, name = read_document(path, stdin=stdin, password=password, progress=progress)
+        text, name = read_document(path, stdin=stdin, password=password, progress=progress, bound=bound)
         parts.append(f"=== {name} ===\n{text.strip()}\n")
         names.append(name)
-    return "\n".join(parts), ", ".join(names)
+    names_text = ", ".join(names)
+    return bound.apply("\n".join(parts), names_text), names_text
 
 
 def document_text(data: bytes, name: str, suffix: str = "", password: Optional[str] = None,
-                  progress: Optional[Progress] = None) -> str:
+                  progress: Optional[Progress] = None, bound: Optional[Bound] = None) -> str:
     """The bytes of one document -> its text, by content (PDF magic) or suffix (.pdf, .html)."""
     if data.startswith(b"%PDF-") or (suffix == ".pdf" and data.lstrip()[:5] == b"%PDF-"):
-        return pdf_text(data, name, password=password, progress=progress)
+        return pdf_text(data, name, password=password, progress=progress, bound=bound)
     if suffix == ".pdf":
         if not data.strip():
             raise DocumentError(f"{name} is empty; give a document with some text")
@@ -105,8 +160,11 @@ def decode_document(data: bytes, name: str) -> str:
 
 
 # --- PDF -----------------------------------------------------------------------------------------------
-def pdf_text(data: bytes, name: str, password: Optional[str] = None, progress: Optional[Progress] = None) -> str:
-    """Text of every page, each after a "[page N]" line. Encrypted: the empty password, else `password`."""
+def pdf_text(data: bytes, name: str, password: Optional[str] = None, progress: Optional[Progress] = None,
+             bound: Optional[Bound] = None) -> str:
+    """Text of every page, each after a "[page N]" line. Encrypted: the empty password, else `password`.
+
+    With a `bound`, pages past it are not read, and a page's content is parsed only as far as the bound needs."""
     from pypdf import PdfReader
     from pypdf.errors import DependencyError
 
@@ -130,27 +188,70 @@ def pdf_text(data: bytes, name: str, password: Optional[str] = None, progress: O
                                 f"complete") from None
         if n == 0:
             raise DocumentError(f"{name} is a PDF with no pages; give a document with some text")
-        parts, with_text = [], 0
-        for i in range(n):
-            try:
-                text = reader.pages[i].extract_text() or ""
-            except DependencyError:
-                raise DocumentError(_aes_message(name)) from None
-            except Exception as e:  # noqa: BLE001
-                raise DocumentError(f"cannot extract the text of page {i + 1} of {name} ({_one_line(e)}); "
-                                    f"extract it with another tool (e.g. pdftotext) and ask about that") from None
-            text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").strip()
-            with_text += bool(text)
-            parts.append(f"[page {i + 1}]\n{text}\n" if text else f"[page {i + 1}]\n")
-            if progress:
-                progress(i + 1, n, name)
+        text, with_text = _pages_text(reader, n, name, progress, bound or Bound())
     finally:
         pdf_logger.setLevel(level)
     if not with_text:
         pages = "its page has" if n == 1 else f"none of its {n} pages has"
         raise DocumentError(f"{name} has no text layer ({pages} any text; a scan or images?); run OCR on it "
                             f"first, e.g. ocrmypdf {_shell(name)} ocr.pdf, and ask about ocr.pdf")
-    return "\n".join(parts)
+    return text
+
+
+def _pages_text(reader, n: int, name: str, progress: Optional[Progress], bound: Bound) -> tuple[str, int]:
+    """(text of the pages within the bound, pages with text). Past the bound: head stops reading, tail and
+    middle keep reading with the text cut back to the bound as it goes (memory stays proportional to it)."""
+    parts, with_text, total, limit = [], 0, 0, bound.max_chars
+    for i in range(n):
+        want = None
+        if limit is not None:
+            want = limit + 1 - total if bound.keep in (None, "head") else limit + 1
+        text, clipped = _page_text(reader, i, name, want)
+        with_text += bool(text)
+        part = f"[page {i + 1}]\n{text}\n" if text else f"[page {i + 1}]\n"
+        parts.append(part)
+        total += len(part) + 1
+        if progress:
+            progress(i + 1, n, name)
+        if limit is None or not (clipped or total > (limit if bound.keep in (None, "head") else 2 * limit)):
+            continue
+        if bound.keep in (None, "head"):
+            return bound.apply("\n".join(parts), name, more=True), with_text
+        parts = [bound.apply("\n".join(parts), name, more=clipped)]
+        total = len(parts[0]) + 1
+    return "\n".join(parts), with_text
+
+
+def _page_text(reader, i: int, name: str, want: Optional[int]) -> tuple[str, bool]:
+    """(text of page i, clipped): with `want`, at most that many characters, and a content stream longer than
+    CONTENT_BYTES_PER_CHAR x want bytes is cut there first (clipped: some of the page was not read)."""
+    from pypdf.errors import DependencyError
+    from pypdf.generic import DecodedStreamObject, NameObject
+
+    clipped = False
+    try:
+        page = reader.pages[i]
+        if want is not None:
+            contents = page.get_contents()
+            data = contents.get_data() if contents is not None else b""
+            cap = CONTENT_BYTES_PER_CHAR * max(want, 0) + 4096
+            if len(data) > cap:
+                cut = data[:cap]
+                space = max(cut.rfind(b"\n"), cut.rfind(b" "))
+                stream = DecodedStreamObject()
+                stream.set_data(cut[:space] if space > 0 else cut)
+                page[NameObject("/Contents")] = stream
+                clipped = True
+        text = page.extract_text() or ""
+    except DependencyError:
+        raise DocumentError(_aes_message(name)) from None
+    except Exception as e:  # noqa: BLE001
+        raise DocumentError(f"cannot extract the text of page {i + 1} of {name} ({_one_line(e)}); "
+                            f"extract it with another tool (e.g. pdftotext) and ask about that") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").strip()
+    if want is not None and len(text) > want:
+        text, clipped = text[:max(want, 0)], True
+    return text, clipped
 
 
 def _decrypt(reader, name: str, password: Optional[str]) -> None:
@@ -265,8 +366,7 @@ def _read_stream(stream: BinaryIO | TextIO) -> bytes:
         data = _read_limited(binary, STDIN_NAME, MAX_PDF_BYTES)
     except OSError as e:
         raise DocumentError(f"cannot read {STDIN_NAME}: {e.strerror or e}") from None
-    if isinstance(data, str):  # a text stream without .buffer (e.g. io.StringIO)
-        data = data.encode("utf-8", "surrogateescape")
+    data = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data  # io.StringIO
     if len(data) > MAX_DOCUMENT_BYTES and not data.startswith(b"%PDF-"):
         _too_large(STDIN_NAME, MAX_DOCUMENT_BYTES)
     return data
@@ -296,5 +396,5 @@ def _shell(name: str) -> str:
     return name if safe else "'" + name.replace("'", "'\\''") + "'"
 
 
-__all__ = ["DocumentError", "MAX_DOCUMENT_BYTES", "STDIN", "decode_document", "document_text", "html_text",
-           "pdf_text", "read_document", "read_documents"]
+__all__ = ["Bound", "DocumentError", "MAX_DOCUMENT_BYTES", "STDIN", "TextTooLongError", "decode_document",
+           "document_text", "html_text", "max_chars_for", "pdf_text", "read_document", "read_documents"]

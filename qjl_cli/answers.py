@@ -7,15 +7,19 @@ interactive loop.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import typer
 from rich.console import Console
 
 from qjl.config import QJLConfig
+from qjl.errors import CacheFileError, QJLError
 
 from . import progress, render, seams
 from .questions import Source, questions_for
@@ -37,27 +41,98 @@ class Reply:
     max_new_tokens: int
     as_json: bool  # one JSON object per question (always for --questions FILE)
     no_stream: bool
+    chat: bool = False  # the questions are a conversation (always in an interactive session)
+
+
+# The context assumed when the model's cannot be read without loading it: the text read is bounded by it.
+DEFAULT_CONTEXT_HINT = 131072
+
+
+def check_environment(reply: Reply) -> Optional[int]:
+    """Before anything slow: stdout can take the answers, and --max-new-tokens is below the model's context
+    (when it can be read without loading the model) -> that context, or None."""
+    if _stdout_closed():
+        raise QJLError("stdout is closed, so the answers have nowhere to go; run without closing it (>&-), or "
+                       "redirect it to a file or /dev/null")
+    hint = seams.context_hint(reply.model)
+    if hint and reply.max_new_tokens >= hint:
+        raise typer.BadParameter(f"{reply.max_new_tokens:,} cannot fit the model's context of {hint:,} tokens; "
+                                 f"give fewer", param_hint="'--max-new-tokens'")
+    return hint
+
+
+def _stdout_closed() -> bool:
+    if sys.stdout is None:  # fd 1 closed when Python started (`>&-`)
+        return True
+    try:
+        os.fstat(sys.stdout.fileno())
+    except (io.UnsupportedOperation, AttributeError, ValueError):  # not a real file (a test's stream)
+        return False
+    except OSError:  # closed since
+        return True
+    return False
+
+
+def check_writable(output: str) -> None:
+    """`cache save -o FILE`: FILE can be written (its folder exists and takes new files), checked before the
+    prefill; the file itself is replaced by a rename in that folder."""
+    path = Path(output)
+    folder = path.parent
+    if _is(path.is_dir):
+        raise CacheFileError(f"{output} is a folder; give a file name ending in .qjl")
+    if not _is(folder.is_dir):
+        raise CacheFileError(f"cannot write {output}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CacheFileError(f"cannot write {output}: no permission to create files in {folder}; choose another "
+                             f"folder")
+
+
+def _is(test: Callable[[], bool]) -> bool:
+    try:
+        return test()
+    except (OSError, ValueError):
+        return False
 
 
 def answer_documents(files: list[str], reply: Reply, config: QJLConfig, password: Optional[str],
                      chunk: Optional[int], truncate: Optional[str]) -> None:
-    """Read the documents into a fresh cache, then answer."""
-    text, name = progress.read_documents(files, password, render.stderr_console())
+    """Read the documents (at most the text the context can hold) into a fresh cache, then answer."""
+    from qjl.documents import max_chars_for
+
+    hint = check_environment(reply)
+    text, name = progress.read_documents(files, password, render.stderr_console(),
+                                         max_chars_for(hint or DEFAULT_CONTEXT_HINT), truncate)
+    given = reply.questions if reply.source is not Source.STDIN else []
 
     def fill(session: SessionLike, console: Console) -> DocumentStats:
-        return progress.prefill(session, text, reply.max_new_tokens, chunk, console, truncate)
+        return progress.prefill(session, text, reply.max_new_tokens, chunk, console, truncate, given)
 
-    _answer(name, reply, config, fill)
+    def save(session: SessionLike, path: str) -> Path:
+        from qjl.store import describe_source
+
+        one = files[0] if len(files) == 1 and files[0] != "-" else None
+        return session.save_cache(path, describe_source(Path(name).name if one else name, text, one))
+
+    _answer(name, reply, config, fill, save)
 
 
-def answer_cache(file: str, reply: Reply) -> None:
-    """Answer from a saved cache file: its settings replace the defaults; a bad file fails before the model loads."""
-    inspect_cache(file)
+def answer_cache(file: str, reply: Reply, kv: Optional[str] = None) -> None:
+    """Answer from a saved cache file: its settings replace the defaults; a bad file fails before the model loads,
+    and so does a `kv` other than the file's mode."""
+    check_environment(reply)
+    info = inspect_cache(file)
+    mode = (info.get("config") or {}).get("kv")
+    if kv and mode and kv != mode:
+        raise typer.BadParameter(f"{file} holds a --kv {mode} cache; leave out --kv {kv} (or give --kv {mode})",
+                                 param_hint="'--kv'")
 
     def fill(session: SessionLike, console: Console) -> DocumentStats:
         return progress.load_cache(session, file, reply.max_new_tokens, console)
 
-    _answer(file, reply, QJLConfig(), fill)
+    def save(session: SessionLike, path: str) -> Path:
+        return session.save_cache(path, info.get("source"))
+
+    _answer(file, reply, QJLConfig(), fill, save)
 
 
 def inspect_cache(file: str) -> dict:
@@ -67,16 +142,18 @@ def inspect_cache(file: str) -> dict:
     return inspect_cache(file)
 
 
-def _answer(name: str, reply: Reply, config: QJLConfig,
-            fill: Callable[[SessionLike, Console], DocumentStats]) -> None:
+def _answer(name: str, reply: Reply, config: QJLConfig, fill: Callable[[SessionLike, Console], DocumentStats],
+            save: Callable[[SessionLike, str], Path]) -> None:
     console = render.stderr_console()
     questions = questions_for(reply.source, reply.questions)
     loaded = progress.load_model(reply.model, console)
     session = seams.new_session(loaded, config)
     stats = fill(session, console)
     kv = session.config.kv  # a cache file's own mode
+    session.remember = reply.chat or reply.source is Source.INTERACTIVE
     if reply.source is Source.INTERACTIVE:
-        interactive(session, stats, loaded, kv, name, reply.max_new_tokens, console, reply.no_stream)
+        interactive(session, stats, loaded, kv, name, reply.max_new_tokens, console, reply.no_stream,
+                    lambda path: save(session, path))
         return
     answer_all(session, stats, loaded, kv, name, questions, reply.max_new_tokens, console,
                as_json=reply.as_json or reply.source is Source.FILE, no_stream=reply.no_stream)
@@ -91,6 +168,8 @@ def answer_all(session: SessionLike, stats: DocumentStats, loaded: LoadedModelLi
         stream = not as_json and not no_stream and render.is_terminal(sys.stdout)
         answer = render.answer_once(session, q, max_new_tokens, console, stream)
         count += 1
+        if render.dropped(answer):
+            render.say(console, render.dropped(answer), style="dim")
         if as_json:
             typer.echo(json.dumps(render.result(answer, stats, loaded, kv, name, q), ensure_ascii=False))
         elif stream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 import sys
 import traceback
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ class ExitCode(enum.IntEnum):
     TOO_LONG = 6  # the document does not fit the model's context
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
     BROKEN_PIPE = 141  # stdout closed early (`| head`): quietly, as a process killed by SIGPIPE reports it
+    TERMINATED = 143  # SIGTERM (128 + 15): handled as Ctrl-C is (cleaned up), then this code
 
 
 EXIT_CODES_HELP = """\
@@ -47,7 +49,7 @@ Exit codes:
   4    model problem (not found, cannot be converted or loaded)
   5    cache-file problem
   6    document too long for the model's context
-  130  interrupted (Ctrl-C)"""
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM)"""
 
 # Each user error's exit code; the classes are siblings under QJLError, so the order does not matter.
 _EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
@@ -82,8 +84,34 @@ def error(message: str) -> None:
     typer.echo(f"qjl: error: {_one_line(message)}", err=True)
 
 
+_terminated = False
+
+
 def interrupted() -> None:
-    typer.echo("qjl: interrupted", err=True)
+    typer.echo("qjl: terminated" if _terminated else "qjl: interrupted", err=True)
+
+
+def terminated() -> bool:
+    """Whether a SIGTERM arrived: an interrupt then ends the command (exit 143) instead of just an answer."""
+    return _terminated
+
+
+def interrupt_code() -> ExitCode:
+    return ExitCode.TERMINATED if _terminated else ExitCode.INTERRUPTED
+
+
+def handle_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so every `finally` cleans up (a model conversion's temp
+    folder, a cache file's temp file); the exit code is then 143."""
+    def on_term(signum, frame):
+        global _terminated
+        _terminated = True
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM on this platform
+        pass
 
 
 @contextmanager
@@ -95,7 +123,7 @@ def user_errors() -> Iterator[None]:
         raise  # usage errors are formatted by QJLGroup.main
     except KeyboardInterrupt:
         interrupted()
-        raise typer.Exit(ExitCode.INTERRUPTED) from None
+        raise typer.Exit(interrupt_code()) from None
     except BrokenPipeError:  # `qjl ask ... | head -1`: the reader left; nothing more to say
         _silence_stdout()
         raise typer.Exit(ExitCode.BROKEN_PIPE) from None
@@ -136,5 +164,5 @@ class QJLGroup(TyperGroup):
             sys.exit(e.exit_code)
         except typer.Abort:
             interrupted()
-            sys.exit(ExitCode.INTERRUPTED)
+            sys.exit(interrupt_code())
         sys.exit(rv if isinstance(rv, int) else ExitCode.OK)

@@ -18,10 +18,11 @@ from pathlib import Path
 import typer
 
 from qjl.config import QJLConfig
+from qjl.documents import max_chars_for
 
 from . import bench, helptext, kernels, options, progress, render, seams
-from .answers import Reply, answer_cache, answer_documents, inspect_cache
-from .errors import ExitCode, QJLGroup, interrupted, user_errors
+from .answers import DEFAULT_CONTEXT_HINT, Reply, answer_cache, answer_documents, check_writable, inspect_cache
+from .errors import ExitCode, QJLGroup, handle_sigterm, interrupt_code, interrupted, user_errors
 from .options import KVMode
 from .questions import is_cache_file, plan_cache_questions, plan_questions
 
@@ -72,26 +73,27 @@ def ask(
     password: options.Password = None,
     truncate: options.TruncateOpt = None,
     model: options.Model = None,
-    kv: options.KV = KVMode.turbo,
+    kv: options.AskKV = None,
     max_new_tokens: options.MaxNewTokens = 256,
     prefill_chunk: options.PrefillChunk = None,
     as_json: options.Json = False,
     no_stream: options.NoStream = False,
+    chat: options.Chat = False,
 ) -> None:
     """Answer questions about the documents FILE...; answers go to stdout, progress and timings to stderr."""
     with user_errors():
         files, questions, source = plan_questions(list(args or []), list(question_opt or []), questions_file)
-        reply = Reply(questions, source, model, max_new_tokens, as_json, no_stream)
+        reply = Reply(questions, source, model, max_new_tokens, as_json, no_stream, chat)
         if len(files) == 1 and is_cache_file(files[0]):
             if kv is KVMode.exact:
                 raise typer.BadParameter("a .qjl file holds a compressed cache; leave out --kv exact",
                                          param_hint="'--kv'")
-            answer_cache(files[0], reply)
+            answer_cache(files[0], reply, kv.value if kv else None)
             return
         if any(is_cache_file(f) for f in files):
             raise typer.BadParameter("a .qjl cache file is answered from on its own; give it without other "
                                      "documents", param_hint="'FILE'")
-        answer_documents(files, reply, QJLConfig(kv=kv.value), password, prefill_chunk,
+        answer_documents(files, reply, QJLConfig(kv=(kv or KVMode.turbo).value), password, prefill_chunk,
                          truncate.value if truncate else None)
 
 
@@ -120,10 +122,12 @@ def cache_save(
         if not output.lower().endswith(".qjl"):
             raise typer.BadParameter("end the file name with .qjl, so `qjl ask` knows it is a cache",
                                      param_hint="'--output'")
-        console = render.stderr_console()
-        text, name = progress.read_documents([file], password, console)
         if kv is KVMode.exact:
             raise typer.BadParameter("a cache file holds a compressed cache: --kv turbo or qjl", param_hint="'--kv'")
+        check_writable(output)
+        console = render.stderr_console()
+        text, name = progress.read_documents([file], password, console, max_chars_for(
+            seams.context_hint(model) or DEFAULT_CONTEXT_HINT))
         loaded = progress.load_model(model, console)
         session = seams.new_session(loaded, QJLConfig(kv=kv.value))
         stats = progress.prefill(session, text, 256, prefill_chunk, console)
@@ -154,13 +158,14 @@ def cache_load(
     max_new_tokens: options.MaxNewTokens = 256,
     as_json: options.Json = False,
     no_stream: options.NoStream = False,
+    chat: options.Chat = False,
 ) -> None:
     """Answer questions from the saved cache FILE (no reading of the document), one answer after another.
 
-    Without -q: an interactive session on a terminal, else one question per line on stdin."""
+    Without -q: an interactive session on a terminal (a conversation), else one question per line on stdin."""
     with user_errors():
         questions, source = plan_cache_questions(list(question or []))
-        answer_cache(file, Reply(questions, source, model, max_new_tokens, as_json, no_stream))
+        answer_cache(file, Reply(questions, source, model, max_new_tokens, as_json, no_stream, chat))
 
 
 # --- commands from other modules: each adds itself with `module.register(app)` (a typer.Typer) ----------
@@ -169,12 +174,13 @@ kernels.register(app)
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM is handled as Ctrl-C is (cleaned up), with exit code 143."""
+    handle_sigterm()
     try:
         app()
     except KeyboardInterrupt:  # between commands, e.g. while Python is still importing
         interrupted()
-        sys.exit(ExitCode.INTERRUPTED)
+        sys.exit(interrupt_code())
 
 
 if __name__ == "__main__":

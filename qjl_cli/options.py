@@ -38,6 +38,14 @@ Model = Annotated[Optional[str], typer.Option(
 KV = Annotated[KVMode, typer.Option(
     "--kv", help="KV cache: turbo (rotation + Lloyd-Max codes, about 3 bits a number), qjl (the paper's 1-bit JL "
                  "keys), or exact (uncompressed, to compare; a cache file holds turbo or qjl).")]
+AskKV = Annotated[Optional[KVMode], typer.Option(
+    "--kv", show_default="turbo",
+    help="KV cache: turbo (rotation + Lloyd-Max codes, about 3 bits a number), qjl (the paper's 1-bit JL "
+         "keys), or exact (uncompressed, to compare). A .qjl file answers in its own mode.")]
+Chat = Annotated[bool, typer.Option(
+    "--chat", help="Make the questions (-q, --questions, stdin) a conversation: each answer sees the earlier "
+                   "questions and answers. Without it each is answered from the document alone; an interactive "
+                   "session is always a conversation.")]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens in each answer.")]
 PrefillChunk = Annotated[Optional[int], typer.Option(
     "--prefill-chunk", min=1, metavar="N", show_default=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
@@ -34,12 +34,25 @@ def load_model(spec: Optional[str], console: Console) -> LoadedModelLike:
     return loaded
 
 
-def read_documents(files: list[str], password: Optional[str], console: Console) -> tuple[str, str]:
-    """Read the documents; PDF pages extracted are shown as a bar on a terminal."""
+def read_documents(files: list[str], password: Optional[str], console: Console, max_chars: Optional[int] = None,
+                   truncate: Optional[str] = None) -> tuple[str, str]:
+    """Read the documents, at most `max_chars` of text (past it: TextTooLongError, or with `truncate` that part
+    kept, with a warning); PDF pages extracted are shown as a bar on a terminal."""
+    from qjl.documents import Bound
+
+    bound = Bound(max_chars, truncate)
+    text, name = _read(files, password, console, bound)
+    if bound.cut:
+        warn(console, f"--truncate {truncate}: the text is longer than {max_chars:,} characters, more than the "
+                      f"model's context can hold; only {max_chars:,} characters ({truncate}) were read")
+    return text, name
+
+
+def _read(files: list[str], password: Optional[str], console: Console, bound) -> tuple[str, str]:
     from qjl.documents import read_documents
 
     if not console.is_terminal:
-        return read_documents(files, password=password)
+        return read_documents(files, password=password, bound=bound)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pages"),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         tasks: dict = {}
@@ -49,14 +62,16 @@ def read_documents(files: list[str], password: Optional[str], console: Console) 
                 tasks[what] = bar.add_task(f"Extracting {what}", total=total)
             bar.update(tasks[what], completed=done)
 
-        return read_documents(files, password=password, progress=progress)
+        return read_documents(files, password=password, progress=progress, bound=bound)
 
 
 def prefill(session: SessionLike, text: str, max_new_tokens: int, chunk: Optional[int], console: Console,
-            truncate: Optional[str] = None) -> DocumentStats:
-    """Read the document into the session's cache; a bar of tokens on a terminal, a warning if it was cut."""
+            truncate: Optional[str] = None, questions: Sequence[str] = ()) -> DocumentStats:
+    """Read the document into the session's cache (after checking every one of `questions` fits); a bar of
+    tokens on a terminal, a warning if it was cut."""
     if not console.is_terminal:
-        stats = session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk, truncate=truncate)
+        stats = session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk, truncate=truncate,
+                                      questions=questions)
     else:
         with Progress(TextColumn("Reading document"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                       _TokensPerSecond(), TimeRemainingColumn(), console=console, transient=True) as bar:
@@ -66,7 +81,7 @@ def prefill(session: SessionLike, text: str, max_new_tokens: int, chunk: Optiona
                 bar.update(task, completed=done, total=total)
 
             stats = session.load_document(text, max_new_tokens=max_new_tokens, chunk=chunk, progress=progress,
-                                          truncate=truncate)
+                                          truncate=truncate, questions=questions)
     cut = stats.extra.get("truncated")
     if cut:
         warn(console, truncation(cut))

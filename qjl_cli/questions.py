@@ -6,6 +6,7 @@ Every check here runs before the (slow) model load, so a usage mistake answers a
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -38,14 +39,14 @@ def plan_questions(args: list[str], question_opt: list[str],
     files, questions = args, list(question_opt)
     if not question_opt and not questions_file and len(args) >= 2:
         files, last = args[:-1], args[-1]
-        if last != "-" and Path(last).is_file():
+        if last != "-" and _is_file(last):
             raise typer.BadParameter(f"{last} is a file, not a question; to ask about several documents give the "
                                      f"question with -q QUESTION", param_hint="'QUESTION'")
         questions = [last]
     if any(not q.strip() for q in questions):
         raise typer.BadParameter("the question is empty", param_hint="'QUESTION'")
     if questions_file:
-        if questions_file == "-" and "-" in files:
+        if "-" in files and _is_stdin(questions_file):
             raise typer.BadParameter("stdin cannot be both the document and the questions", param_hint="'--questions'")
         questions += _read_questions_file(questions_file)
         if not questions:
@@ -55,6 +56,9 @@ def plan_questions(args: list[str], question_opt: list[str],
         return files, questions, Source.GIVEN
     if render.is_terminal(sys.stdin):
         return files, [], Source.INTERACTIVE
+    if sys.stdin is None:
+        raise typer.BadParameter("no question, and stdin is closed; give the question as QUESTION, -q or "
+                                 "--questions FILE", param_hint="'QUESTION'")
     if "-" in files:
         raise typer.BadParameter("no question: the document is read from stdin, so give the question as "
                                  "QUESTION, -q or --questions FILE", param_hint="'QUESTION'")
@@ -67,7 +71,27 @@ def plan_cache_questions(question_opt: list[str]) -> tuple[list[str], Source]:
         raise typer.BadParameter("a question is empty", param_hint="'--question'")
     if question_opt:
         return list(question_opt), Source.GIVEN
+    if sys.stdin is None:
+        raise typer.BadParameter("no question, and stdin is closed; give questions with -q", param_hint="'-q'")
     return [], Source.INTERACTIVE if render.is_terminal(sys.stdin) else Source.STDIN
+
+
+def _is_file(arg: str) -> bool:
+    """Whether `arg` names an existing file; never raises (a long question is no file name: ENAMETOOLONG)."""
+    try:
+        return Path(arg).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_stdin(path: str) -> bool:
+    """Whether reading `path` reads stdin: -, /dev/stdin, /dev/fd/0, or any name of the file open on fd 0."""
+    if path == "-":
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(0))
+    except (OSError, ValueError):
+        return False
 
 
 def questions_for(source: Source, questions: list[str]) -> Iterable[str]:
@@ -77,6 +101,8 @@ def questions_for(source: Source, questions: list[str]) -> Iterable[str]:
 
 def _read_questions_file(path: str) -> list[str]:
     if path == "-":
+        if sys.stdin is None:
+            raise typer.BadParameter("--questions - reads stdin, but stdin is closed", param_hint="'--questions'")
         lines = sys.stdin.read().splitlines()
     else:
         try:

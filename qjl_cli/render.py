@@ -96,7 +96,8 @@ def result(answer: Answer, stats: DocumentStats, loaded: LoadedModelLike, kv: st
         "question": question,
         "document_tokens": stats.document_tokens,
         "question_tokens": answer.question_tokens,
-        "prompt_tokens": stats.document_tokens + answer.question_tokens,
+        "history_tokens": answer.history_tokens,
+        "prompt_tokens": stats.document_tokens + answer.history_tokens + answer.question_tokens,
         "generated_tokens": answer.generated_tokens,
         "kv_bytes": stats.kv_bytes,
         "fp16_bytes": stats.fp16_bytes,
@@ -124,12 +125,23 @@ def summary(stats: DocumentStats, answer: Answer, loaded: LoadedModelLike, kv: s
             f"{answer.generated_tokens} tokens")
 
 
-def session_info(stats: DocumentStats, loaded: LoadedModelLike, kv: str, name: str, asked: int) -> str:
+def session_info(stats: DocumentStats, loaded: LoadedModelLike, kv: str, name: str, asked: int,
+                 session: SessionLike) -> str:
     """What /info shows in the interactive loop."""
     return (f"model {loaded.name}, --kv {kv}; document {name}: {stats.document_tokens:,} tokens; "
             f"KV cache {stats.kv_bytes:,} bytes ({mb(stats.kv_bytes)}), "
             f"{stats.kv_bits_per_number:.2f} bits/number (16-bit: {mb(stats.fp16_bytes)}); "
-            f"{asked} questions answered")
+            f"{asked} questions answered; conversation: {len(session.history())} turns kept, "
+            f"{session.tail_tokens():,} tokens after the document (context {loaded.context_length:,})")
+
+
+def dropped(answer: Answer) -> Optional[str]:
+    """The one-line notice when the oldest turns of a conversation were dropped to fit the context."""
+    n = answer.dropped_turns
+    if not n:
+        return None
+    return (f"(the {'oldest turn was' if n == 1 else f'{n} oldest turns were'} dropped to fit the model's context; "
+            f"the document stays)")
 
 
 def saved(stats: DocumentStats, output: str, size: int, seconds: float) -> str:

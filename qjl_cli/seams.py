@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 from qjl.config import QJLConfig
 
@@ -36,10 +36,11 @@ class SessionLike(Protocol):
     """A question-answering session as the CLI sees it: qjl.session.Session."""
 
     config: QJLConfig  # after load_cache, the settings the file was saved with
+    remember: bool  # True: a conversation (each answer sees the kept turns), else independent questions
 
     def load_document(self, document: str, max_new_tokens: int = 256, chunk: Optional[int] = None,
                       progress: Optional[Callable[[int, int], None]] = None,
-                      truncate: Optional[str] = None) -> DocumentStats: ...
+                      truncate: Optional[str] = None, questions: Sequence[str] = ()) -> DocumentStats: ...
 
     def load_cache(self, path, max_new_tokens: int = 256) -> DocumentStats: ...
 
@@ -49,6 +50,17 @@ class SessionLike(Protocol):
             on_text: Optional[Callable[[str], None]] = None) -> Answer: ...
 
     def rollback(self) -> None: ...
+
+    def history(self) -> list[tuple[str, str]]: ...
+
+    def tail_tokens(self) -> int: ...
+
+
+def context_hint(spec: Optional[str]) -> Optional[int]:
+    """The model's context in tokens without loading it (torch-free; None when unknown): bounds the text read."""
+    from qjl.models import context_hint as _hint
+
+    return _hint(spec)
 
 
 def load_model(spec: Optional[str], progress: Optional[Callable[[str], None]] = None) -> LoadedModelLike:

@@ -100,6 +100,8 @@ class FakeSession:
     def __init__(self, script: FakeScript, loaded: FakeLoaded, config):
         self.script, self.loaded, self.config = script, loaded, config
         self.document_tokens = 0
+        self.remember = False
+        self.turns: list[tuple[str, str, int]] = []  # (question, answer, tokens of the turn)
 
     def _limit(self, max_new_tokens: int) -> int:
         from qjl.session import QUESTION_RESERVE
@@ -113,11 +115,18 @@ class FakeSession:
         bits = 16.0 if self.config.kv == "exact" else 3.0
         return DocumentStats(n, prefill_s, int(fp16 * bits / 16), bits, fp16)
 
-    def load_document(self, document, max_new_tokens=256, chunk=None, progress=None, truncate=None):
+    def _question_tokens(self, question: str) -> int:
+        return len(question.split()) + 5
+
+    def load_document(self, document, max_new_tokens=256, chunk=None, progress=None, truncate=None, questions=()):
+        from qjl.conversation import question_too_long
         from qjl.errors import DocumentTooLongError
 
         text = document
         self.script.calls["prefill"] = dict(text=text, max_new_tokens=max_new_tokens, chunk=chunk, truncate=truncate)
+        longest = max((self._question_tokens(q) for q in questions), default=0)
+        if self.PROMPT_TOKENS + longest + max_new_tokens > self.loaded.context_length:
+            raise question_too_long(longest, self.PROMPT_TOKENS, 0, max_new_tokens, self.loaded.context_length)
         n = len(text.split()) + self.PROMPT_TOKENS
         limit = self._limit(max_new_tokens)
         cut = None
@@ -167,13 +176,31 @@ class FakeSession:
 
     def rollback(self):
         self.script.calls["rollback"] = self.script.calls.get("rollback", 0) + 1
+        self.turns.clear()
+
+    def history(self):
+        return [(q, a) for q, a, _ in self.turns]
+
+    def tail_tokens(self):
+        return sum(n for _, _, n in self.turns)
 
     def ask(self, question, max_new_tokens=256, on_text=None):
+        """A conversation (`remember`) keeps each turn (question and answer tokens) and drops the oldest when the
+        next would not fit the context, as the library does."""
+        from qjl.conversation import question_too_long
         from qjl.session import Answer
 
         self.script.calls["ask"] = dict(question=question, max_new_tokens=max_new_tokens, on_text=on_text)
         self.script.calls.setdefault("questions", []).append(question)
         self.script.check("ask")
+        q, room = self._question_tokens(question), self.loaded.context_length - self.document_tokens - max_new_tokens
+        dropped = 0
+        while self.remember and self.turns and self.tail_tokens() + q > room:
+            self.turns.pop(0)
+            dropped += 1
+        if q > room:
+            raise question_too_long(q, self.document_tokens, 0, max_new_tokens, self.loaded.context_length)
+        history = self.tail_tokens() if self.remember else 0
         pieces = self.script.pieces[:max_new_tokens]
         stopped = self.script.interrupt_after is not None
         if stopped:
@@ -181,7 +208,10 @@ class FakeSession:
         for piece in pieces:
             if on_text:
                 on_text(piece)
-        return Answer("".join(pieces).strip(), len(question.split()) + 5, len(pieces), 0.01, 2.0, stopped)
+        text = "".join(pieces).strip()
+        if self.remember:
+            self.turns.append((question, text, q + len(pieces)))
+        return Answer(text, q, len(pieces), 0.01, 2.0, stopped, history_tokens=history, dropped_turns=dropped)
 
 
 @pytest.fixture
@@ -203,4 +233,5 @@ def fake_model(monkeypatch) -> FakeScript:
 
     monkeypatch.setattr(seams, "load_model", load_model)
     monkeypatch.setattr(seams, "new_session", new_session)
+    monkeypatch.setattr(seams, "context_hint", lambda spec: script.context_length)
     return script

@@ -313,7 +313,7 @@ def test_the_fake_and_the_library_implement_the_seams(fake_model):
     loaded = FakeLoaded("fake", 8192)
     assert isinstance(loaded, LoadedModelLike)
     assert isinstance(FakeSession(fake_model, loaded, QJLConfig()), SessionLike)
-    for name in ("load_document", "load_cache", "save_cache", "ask", "rollback"):
+    for name in ("load_document", "load_cache", "save_cache", "ask", "rollback", "history", "tail_tokens"):
         wanted = list(inspect.signature(getattr(SessionLike, name)).parameters)
         for cls in (Session, FakeSession):
             assert list(inspect.signature(getattr(cls, name)).parameters) == wanted, (cls.__name__, name)
