@@ -10,7 +10,7 @@ import torch
 from qjl import native
 from qjl.codecs import make_codecs
 from qjl.config import QJLConfig
-from qjl.ops import vq_nearest
+from qjl.ops import pack_codes, unpack_codes, vq_nearest
 from qjl.ops.attention import turbo_attention
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the CPU kernels are off")
@@ -112,3 +112,12 @@ def test_qjl_native_0_turns_them_off(monkeypatch):
         assert native.library() is None
     finally:
         native.library.cache_clear()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_pack_codes_is_bit_exact(bits):
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (2, 3, 5, 64), generator=gen, dtype=torch.uint8)
+    got = native.pack_codes_cpu(codes, bits)
+    assert torch.equal(got, pack_codes._init_fn(codes, bits))
+    assert torch.equal(unpack_codes(got, bits), codes)

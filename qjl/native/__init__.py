@@ -1,6 +1,6 @@
 """CPU kernels of the ops (qjl_cpu.c): built with the system's C compiler at first use, called through ctypes.
 
-`register()` puts them beneath the ops `qjl::turbo_attention` and `qjl::vq_nearest` for CPU tensors (qjl/ops
+`register()` puts them beneath the ops `qjl::turbo_attention`, `qjl::vq_nearest` and `qjl::pack_codes` for CPU tensors (qjl/ops
 stays the specification; tests/test_native.py holds the two together). The shared library is compiled once
 per source, compiler and CPU into QJL_HOME/native/ (about a second) and reused. Where there is no compiler,
 or it fails, or QJL_NATIVE=0, the ops keep their torch code and one warning says why. Configurations the
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..ops import attention as attention_ops
+from ..ops import codes as codes_ops
 from ..ops import encode as encode_ops
 
 SOURCE = Path(__file__).with_name("qjl_cpu.c")
@@ -107,6 +108,8 @@ def library() -> ctypes.CDLL | None:
     lib.qjl_vq_nearest.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int]
     lib.qjl_turbo_attention.argtypes = [ctypes.POINTER(TurboArgs), ctypes.c_int]
+    lib.qjl_pack_codes.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_int]
     return lib
 
 
@@ -129,6 +132,20 @@ def vq_nearest_cpu(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*y.shape[:-1], y.shape[-1] // c, dtype=torch.uint8)
     if lib.qjl_vq_nearest(out.numel(), c, cb.shape[0], _ptr(y), _ptr(cb), _ptr(out), _threads()):
         raise RuntimeError("qjl_vq_nearest refused its arguments")
+    return out
+
+
+# --- pack_codes ----------------------------------------------------------------------------------------
+def pack_codes_cpu(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    lib = library()
+    n = codes.shape[-1] if codes.dim() else 0
+    per = 8 if bits == 3 else 8 // bits if bits in (1, 2, 4, 8) else 0
+    if lib is None or codes.dtype != torch.uint8 or not per or n % per or codes.numel() == 0:
+        return codes_ops.pack_codes._init_fn(codes, bits)
+    codes = codes.contiguous()
+    out = torch.empty(*codes.shape[:-1], n * bits // 8, dtype=torch.uint8)
+    if lib.qjl_pack_codes(codes.numel() // n, n, bits, _ptr(codes), _ptr(out), _threads()):
+        raise RuntimeError("qjl_pack_codes refused its arguments")
     return out
 
 
@@ -194,4 +211,5 @@ def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids,
 def register() -> None:
     """Put the CPU kernels beneath their ops (idempotent). The library itself is built at the first call."""
     encode_ops.vq_nearest.register_kernel("cpu")(vq_nearest_cpu)
+    codes_ops.pack_codes.register_kernel("cpu")(pack_codes_cpu)
     attention_ops.turbo_attention.register_kernel("cpu")(turbo_attention_cpu)

@@ -300,3 +300,35 @@ int qjl_turbo_attention(turbo_args *a, int threads) {
     free(tabs); free(qsel); free(m); free(s); free(acc);
     return 0;
 }
+
+/* --- pack_codes: n codes of `bits` bits a row -> bytes (1/2/4/8 bits: 8/bits a byte, code s at bits s*bits;
+ * 3 bits: 8 codes in 3 bytes, a little-endian 24-bit word, code s at bits 3s) ------------------------- */
+int qjl_pack_codes(int64_t rows, int64_t n, int bits, const uint8_t *codes, uint8_t *out, int threads) {
+    if (bits == 3) {
+        if (n % 8) return 1;
+        const int64_t words = rows * (n / 8);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t w = 0; w < words; w++) {
+            const uint8_t *c = codes + w * 8;
+            uint32_t word = 0;
+            for (int s = 0; s < 8; s++) word |= (uint32_t)(c[s] & 7) << (3 * s);
+            out[w * 3] = word & 255;
+            out[w * 3 + 1] = (word >> 8) & 255;
+            out[w * 3 + 2] = (word >> 16) & 255;
+        }
+        return 0;
+    }
+    if (bits != 1 && bits != 2 && bits != 4 && bits != 8) return 1;
+    const int per = 8 / bits;
+    if (n % per) return 1;
+    const int64_t nbytes = rows * (n / per);
+    const int mask = (1 << bits) - 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < nbytes; b++) {
+        const uint8_t *c = codes + b * per;
+        unsigned v = 0;
+        for (int s = 0; s < per; s++) v |= (unsigned)(c[s] & mask) << (s * bits);
+        out[b] = (uint8_t)v;
+    }
+    return 0;
+}
