@@ -69,7 +69,9 @@ def bench(
                                       "needlehaystack, and needle hits over depths 0-100%."),
     repeat: int = typer.Option(3, "--repeat", min=1, help="Rounds per row; the median and the range are shown."),
     steps: int = typer.Option(32, "--steps", min=1, help="Decode steps timed per round."),
-    prefill_chunk: int = typer.Option(2048, "--prefill-chunk", min=1, help="Tokens per prefill forward pass."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, show_default=False,
+                                                help="Tokens per prefill forward pass (default: the whole context "
+                                                     "in one, as qjl ask reads a document)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", show_default=False,
                                         help="float32, float16 or bfloat16 (default: float32 on a CPU, bfloat16 "
                                              "on a GPU)."),
@@ -276,7 +278,7 @@ def print_table(result: dict) -> None:
         table.add_row(*(escape(c) for c in line))
     out.print(table)
     out.print(f"median of {s['repeat']} rounds (± half the range); {s['steps']} decode steps after a "
-              f"{s['question_tokens']}-token question; prefill {s['prefill_chunk']} tokens at a time; peak memory "
+              f"{s['question_tokens']}-token question; prefill {s['prefill_chunk'] or 'all'} tokens at a time; peak memory "
               f"= {result['machine']['peak_memory']}; 16-bit = 2 bytes a number", highlight=False, markup=False)
     for note in notes:
         out.print(note, highlight=False, markup=False)

@@ -37,7 +37,7 @@ class BenchSettings:
     quality: bool = False
     repeat: int = 3
     steps: int = 32
-    prefill_chunk: int = 2048
+    prefill_chunk: int | None = None  # None: the whole context in one pass, as `qjl ask` reads a document
     question_tokens: int = 32
     dtype: str | None = None  # None: float32 on a CPU, bfloat16 on a GPU
     device: str | None = None

@@ -182,7 +182,7 @@ class Geometry:
         return cls(L, heads, kv, head_dim, h, inter, V, params)
 
 
-def estimate_bytes(geom: Geometry, context: int, mode: str, chunk: int, dtype_bytes: int) -> int:
+def estimate_bytes(geom: Geometry, context: int, mode: str, chunk: int | None, dtype_bytes: int) -> int:
     """A generous estimate of the memory one bench row needs at its peak: weights, the cache, and the largest
     activations of a prefill chunk (attention scores over the whole context, in float32, a few copies)."""
     numbers = 2 * context * geom.layers * geom.kv_heads * geom.head_dim  # keys and values
@@ -191,10 +191,12 @@ def estimate_bytes(geom: Geometry, context: int, mode: str, chunk: int, dtype_by
         kv = numbers * dtype_bytes
     elif spec.is_peer:  # quantised states, plus one layer dequantised (and concatenated) at a time
         kv = numbers * (spec.peer_kwargs["nbits"] + 2) // 8 + 3 * numbers // geom.layers * dtype_bytes
-    else:  # qjl and turbo hold ~3 bits a number; the codecs' work buffers are one layer's chunk
-        kv = numbers * 4 // 8 + 8 * chunk * geom.kv_heads * geom.head_dim * 4
-    chunk = min(chunk, context)
-    scores = 3 * geom.heads * chunk * context * 4
+    else:  # qjl and turbo hold ~3 bits a number; encoding a layer's chunk takes a [groups, 256] search
+        kv = numbers * 4 // 8 + 64 * min(chunk or context, context) * geom.kv_heads * geom.head_dim * 4
+    chunk = min(chunk or context, context)
+    # One pass over the whole context runs causal SDPA, which never holds the [chunk, context] scores; a later
+    # chunk of several attends with a mask, which does (float32, a few copies).
+    scores = 3 * geom.heads * chunk * (256 if chunk == context else context) * 4
     mlp = 4 * chunk * geom.intermediate * 4 + 6 * chunk * geom.hidden * 4
     return geom.parameters * dtype_bytes + kv + scores + mlp
 
@@ -214,7 +216,7 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_memory(geom: Geometry, contexts: list[int], modes: list[str], chunk: int, dtype_bytes: int,
+def check_memory(geom: Geometry, contexts: list[int], modes: list[str], chunk: int | None, dtype_bytes: int,
                  available: int | None, where: str) -> None:
     """BenchError naming the largest row that would not fit, before anything is allocated."""
     if available is None:

@@ -75,13 +75,14 @@ class PeakMemory:
 # --- one measurement ---------------------------------------------------------------------------------------
 @torch.inference_mode()
 def measure_once(model, make: Callable[[], object], ids: torch.Tensor, question: torch.Tensor, steps: int,
-                 chunk: int, on_tokens: Callable[[int], None] | None = None) -> dict:
+                 chunk: int | None = None, on_tokens: Callable[[int], None] | None = None) -> dict:
     """Prefill ids [1, T] (`chunk` at a time) into make()'s cache, freeze it as the document, then time a
     question's prefill up to its first token and `steps` greedy decode steps after one untimed step.
 
     The cache's own accounting gives bits per number and bytes. Returns plain numbers (seconds, bytes)."""
     device = ids.device
     context = ids.shape[1]
+    chunk = chunk or context
     with PeakMemory(device) as mem:
         cache = make()
         sync(device)
