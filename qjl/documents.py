@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence, TextIO
 
-from .errors import DocumentError, DocumentTooLongError  # noqa: F401 - re-exported
+from .errors import DocumentError  # noqa: F401 - re-exported
+from .truncation import Bound, TextTooLongError, max_chars_for  # noqa: F401 - re-exported
 
 STDIN = "-"
 STDIN_NAME = "<stdin>"
@@ -30,50 +31,9 @@ MAX_PDF_BYTES = 512 * 1024 * 1024
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 # progress(done, total, what): pages of a PDF extracted so far.
 Progress = Callable[[int, int, str], None]
-# Text worth reading for a context of n tokens: n x CHARS_PER_TOKEN characters (English averages about 4 a
-# token; 32 leaves room for separators and whitespace runs), so the text a PDF expands to (KBs of compressed
-# content can extract to many MB) stays proportional to the context. A page's content stream is parsed only up
-# to CONTENT_BYTES_PER_CHAR bytes per character still wanted (pypdf takes microseconds a byte); past that the
-# page is cut and its text counts as over the bound.
-CHARS_PER_TOKEN = 32
+# A page's content stream is parsed only up to CONTENT_BYTES_PER_CHAR bytes per character still wanted (pypdf
+# takes microseconds a byte); past that the page is cut and its text counts as over the bound (qjl/truncation.py).
 CONTENT_BYTES_PER_CHAR = 4
-KEEP_MODES = ("head", "tail", "middle")
-
-
-def max_chars_for(context_tokens: int) -> int:
-    return max(1, int(context_tokens)) * CHARS_PER_TOKEN
-
-
-class TextTooLongError(DocumentTooLongError):
-    """The text is past the character bound of the context (before any tokenizing): exit 6, naming --truncate."""
-
-    def __init__(self, name: str, max_chars: int):
-        self.document_tokens, self.limit = 0, max_chars // CHARS_PER_TOKEN
-        self.context = self.limit
-        Exception.__init__(self, f"{name} has more than {max_chars:,} characters of text, more than the model's "
-                                 f"context of {self.context:,} tokens can hold; give --truncate head|tail|middle to "
-                                 f"keep part of it, or shorten or split the document")
-
-
-class Bound:
-    """At most `max_chars` of text (None: no bound); past it `keep` (head|tail|middle) is kept, or without `keep`
-    TextTooLongError. `cut`: characters left out (at least)."""
-
-    def __init__(self, max_chars: Optional[int] = None, keep: Optional[str] = None):
-        if keep is not None and keep not in KEEP_MODES:
-            raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, not {keep!r}")
-        self.max_chars, self.keep, self.cut = max_chars, keep, 0
-
-    def apply(self, text: str, name: str, more: bool = False) -> str:
-        """`text` within the bound (`more`: text past it was not even read)."""
-        if self.max_chars is None or (len(text) <= self.max_chars and not more):
-            return text
-        if self.keep is None:
-            raise TextTooLongError(name, self.max_chars)
-        n = self.max_chars
-        self.cut += max(1, len(text) - n)
-        head = {"head": n, "tail": 0, "middle": (n + 1) // 2}[self.keep]
-        return text[:head] + text[len(text) - (n - head):] if n > head else text[:head]
 
 
 def read_document(path: str, stdin: BinaryIO | TextIO | None = None, password: Optional[str] = None,
@@ -236,22 +196,29 @@ def _page_text(reader, i: int, name: str, want: Optional[int]) -> tuple[str, boo
             data = contents.get_data() if contents is not None else b""
             cap = CONTENT_BYTES_PER_CHAR * max(want, 0) + 4096
             if len(data) > cap:
-                cut = data[:cap]
-                space = max(cut.rfind(b"\n"), cut.rfind(b" "))
                 stream = DecodedStreamObject()
-                stream.set_data(cut[:space] if space > 0 else cut)
+                stream.set_data(_clip(data, cap))
                 page[NameObject("/Contents")] = stream
                 clipped = True
         text = page.extract_text() or ""
     except DependencyError:
         raise DocumentError(_aes_message(name)) from None
     except Exception as e:  # noqa: BLE001
+        if clipped:  # the cut content does not parse: the page is past the bound anyway
+            return "", True
         raise DocumentError(f"cannot extract the text of page {i + 1} of {name} ({_one_line(e)}); "
                             f"extract it with another tool (e.g. pdftotext) and ask about that") from None
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").strip()
     if want is not None and len(text) > want:
         text, clipped = text[:max(want, 0)], True
     return text, clipped
+
+
+def _clip(data: bytes, cap: int) -> bytes:
+    """The first `cap` bytes of a content stream or less, ending after a text operator (a token boundary)."""
+    window = data[max(0, cap - 65536):cap]
+    ends = [m.end() for m in re.finditer(rb"(?:Tj|TJ|ET|T\*|Td|TD|Tm)\s", window)]
+    return data[:max(0, cap - 65536) + ends[-1]] if ends else data[:cap]
 
 
 def _decrypt(reader, name: str, password: Optional[str]) -> None:

@@ -277,7 +277,6 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
         raise CacheFileError(f"{path} was made by model {meta.get('model_name', '?')!r} (identity "
                              f"{str(meta.get('model_identity'))[:12]}), not {model_name} ({identity[:12]}); "
                              f"load it with that model (--model) or save the document again with this one")
-    _check_checksum(meta, tensors, path)
     config = _parse_config(meta, path)
     n_layers, n_kv, head_dim = kv_geometry(model_config)
     for key, want in (("num_layers", n_layers), ("num_kv_heads", n_kv), ("head_dim", head_dim)):
@@ -295,6 +294,7 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
         spec = layer.expected_tensors(batch, n_compressed[i], n_sink, tokens - n_compressed[i] - n_sink, storage_dtype)
         expected.update({f"layers.{i}.{name}": s for name, s in spec.items()})
     _check_tensors(tensors, expected, cache.layers[0].channel_indices(), head_dim, path)
+    _check_checksum(meta, tensors, path)  # after the sizes: a header declaring huge tensors is refused unread
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     shared = {name: tensors[name].to(device) for name in cache.shared_matrices()}
@@ -341,14 +341,20 @@ def inspect_cache(path: str | os.PathLike) -> dict:
     path = Path(path)
     meta, tensors = _open(path)
     _check_header(meta, path)
-    _check_checksum(meta, tensors, path)
-    config = _parse_config(meta, path)
     info = _public_meta(meta, path)
     layers, kv_heads, head_dim = (_meta_int(meta, k, path) for k in ("num_layers", "num_kv_heads", "head_dim"))
     tokens = info["document_tokens"]
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     numbers = 2 * tokens * layers * kv_heads * head_dim
     fp16 = 2 * numbers
+    # Sizes before the checksum (which reads every byte): no mode stores more than 16 bits a number, plus its
+    # per-layer parameters and per-model matrices (a few D x 4D fp32 matrices).
+    most = 2 * fp16 + layers * kv_heads * head_dim * 64 + 64 * 16 * head_dim * head_dim + (1 << 20)
+    if nbytes > most:
+        raise CacheFileError(f"{path}: its tensors hold {nbytes:,} bytes, more than {tokens:,} tokens of this geometry "
+                             f"can ({most:,}); the file is corrupted, save the document again")
+    _check_checksum(meta, tensors, path)
+    config = _parse_config(meta, path)
     info.update({
         "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim,
         "tensor_bytes": nbytes,
