@@ -119,13 +119,14 @@ class FakeSession:
         return len(question.split()) + 5
 
     def load_document(self, document, max_new_tokens=256, chunk=None, progress=None, truncate=None, questions=()):
-        from qjl.conversation import question_too_long
         from qjl.errors import DocumentTooLongError
 
         text = document
         self.script.calls["prefill"] = dict(text=text, max_new_tokens=max_new_tokens, chunk=chunk, truncate=truncate)
         longest = max((self._question_tokens(q) for q in questions), default=0)
         if self.PROMPT_TOKENS + longest + max_new_tokens > self.loaded.context_length:
+            from qjl.conversation import question_too_long
+
             raise question_too_long(longest, self.PROMPT_TOKENS, 0, max_new_tokens, self.loaded.context_length)
         n = len(text.split()) + self.PROMPT_TOKENS
         limit = self._limit(max_new_tokens)
@@ -187,7 +188,6 @@ class FakeSession:
     def ask(self, question, max_new_tokens=256, on_text=None):
         """A conversation (`remember`) keeps each turn (question and answer tokens) and drops the oldest when the
         next would not fit the context, as the library does."""
-        from qjl.conversation import question_too_long
         from qjl.session import Answer
 
         self.script.calls["ask"] = dict(question=question, max_new_tokens=max_new_tokens, on_text=on_text)
@@ -199,6 +199,8 @@ class FakeSession:
             self.turns.pop(0)
             dropped += 1
         if q > room:
+            from qjl.conversation import question_too_long
+
             raise question_too_long(q, self.document_tokens, 0, max_new_tokens, self.loaded.context_length)
         history = self.tail_tokens() if self.remember else 0
         pieces = self.script.pieces[:max_new_tokens]
@@ -211,7 +213,8 @@ class FakeSession:
         text = "".join(pieces).strip()
         if self.remember:
             self.turns.append((question, text, q + len(pieces)))
-        return Answer(text, q, len(pieces), 0.01, 2.0, stopped, history_tokens=history, dropped_turns=dropped)
+        extra = dict(history_tokens=history, dropped_turns=dropped) if self.remember else {}
+        return Answer(text, q, len(pieces), 0.01, 2.0, stopped, **extra)
 
 
 @pytest.fixture
@@ -233,5 +236,5 @@ def fake_model(monkeypatch) -> FakeScript:
 
     monkeypatch.setattr(seams, "load_model", load_model)
     monkeypatch.setattr(seams, "new_session", new_session)
-    monkeypatch.setattr(seams, "context_hint", lambda spec: script.context_length)
+    monkeypatch.setattr(seams, "context_hint", lambda spec: script.context_length, raising=False)
     return script
