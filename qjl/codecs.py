@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import QJLConfig
-from . import native
+from . import kernels, native
 from .keys import QJLKeys
 from .ops import sketch_attention, turbo_attention
 from .turbo import TurboKeys, TurboValues
@@ -67,3 +67,4 @@ def make_codecs(config: QJLConfig, layer_idx: int, head_dim: int) -> tuple[KeyCo
 ATTENTION_OPS = {"turbo": turbo_attention, "qjl": sketch_attention}
 
 native.register()  # CPU kernels beneath the ops where a C compiler is at hand (qjl/native)
+kernels.register()  # CUDA kernels beneath the ops, built at the first CUDA call (qjl/kernels.py)

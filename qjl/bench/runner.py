@@ -221,6 +221,22 @@ def _work(settings: BenchSettings, target: Target, runnable: list[str]) -> float
     return float(total)
 
 
+def _row(mode: str, context: int, skipped: str | None, runs: list[dict] | None, quality: dict, needles: dict,
+         qnote: str | None) -> dict:
+    """One table row: a skipped peer, or the medians (and ranges) of a mode's rounds at a context."""
+    row = {"mode": mode, "context": context, "description": MODES[mode].description}
+    if skipped:
+        return row | {"status": "skipped", "note": skipped}
+    first = runs[0]
+    row.update(status="ok", note=None, document_tokens=first["document_tokens"],
+               bits_per_number=first["bits_per_number"], kv_bytes=first["kv_bytes"],
+               fp16_bytes=first["fp16_bytes"], kv_vs_fp16=first["kv_bytes"] / first["fp16_bytes"])
+    for f in TIMED_FIELDS:
+        row[f], row[f + "_range"] = _median_range([x[f] for x in runs])
+    row.update(runs=runs, quality=quality.get(mode), needle=needles.get(mode), quality_note=qnote)
+    return row
+
+
 def run_bench(settings: BenchSettings, target: Target, reporter: Reporter | None = None,
               command: str | None = None) -> dict:
     """Measure every (mode, context) of settings on target; returns {"schema", "machine", "settings", "rows"}."""
@@ -263,24 +279,7 @@ def run_bench(settings: BenchSettings, target: Target, reporter: Reporter | None
                 rep.advance((settings.steps + 2 + settings.question_tokens) * _STEP_WEIGHT)
         quality, needles, qnote = _quality_for(settings, target, context, runnable, rep)
         for mode in settings.modes:
-            spec = MODES[mode]
-            row = {"mode": mode, "context": context, "description": spec.description}
-            if skipped[mode]:
-                row.update(status="skipped", note=skipped[mode])
-                rows.append(row)
-                rep.row(row)
-                continue
-            mr = runs[mode]
-            first = mr[0]
-            row.update(status="ok", note=None, document_tokens=first["document_tokens"],
-                       bits_per_number=first["bits_per_number"], kv_bytes=first["kv_bytes"],
-                       fp16_bytes=first["fp16_bytes"], kv_vs_fp16=first["kv_bytes"] / first["fp16_bytes"])
-            for f in TIMED_FIELDS:
-                row[f], row[f + "_range"] = _median_range([x[f] for x in mr])
-            row["runs"] = mr
-            row["quality"] = quality.get(mode)
-            row["needle"] = needles.get(mode)
-            row["quality_note"] = qnote
+            row = _row(mode, context, skipped[mode], runs.get(mode), quality, needles, qnote)
             rows.append(row)
             rep.row(row)
     _add_ratios(rows)

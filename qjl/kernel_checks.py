@@ -1,0 +1,151 @@
+"""Input checks of the CUDA wrappers (qjl/kernels.py): every constraint named before any launch.
+
+Each check returns None when the kernel covers the call, or the reason it does not (the wrapper then runs
+the torch op with one warning); inputs no implementation could take raise ValueError or TypeError.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import _TURBO_VALUES, FLOAT_TYPES, HEAD_DIMS, MAX_OUTLIERS
+
+# --- input checks shared by the wrappers --------------------------------------------------------------------
+def _tensors_on(device_type: str, named: dict) -> None:
+    """Every tensor on one device of `device_type`: a clear error otherwise (before any launch)."""
+    first = None
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.device.type != device_type:
+            raise ValueError(f"qjl kernels: {name} is on {t.device}, but this is the {device_type} implementation: "
+                             f"pass every tensor on one {device_type} device")
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"qjl kernels: {name} is on {t.device} and {first[0]} on {first[1]}; pass every tensor on "
+                             f"one device")
+
+
+def _dtype(t: Optional[Tensor], name: str, *dtypes: torch.dtype) -> None:
+    if t is not None and t.dtype not in dtypes:
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"qjl kernels: {name} must be {want}, not {str(t.dtype).replace('torch.', '')}")
+
+
+def _exact_parts(q: Tensor, parts: list[Tensor]) -> list[Tensor]:
+    """The exact parts in q's dtype with contiguous, 16-byte aligned rows (copies only where needed)."""
+    out = []
+    for t in parts:
+        if t.dtype != q.dtype:
+            t = t.to(q.dtype)
+        if (t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1])):
+            t = t.contiguous()
+        out.append(t)
+    return out
+
+
+def _non_contiguous(named: dict) -> Optional[str]:
+    for name, t in named.items():
+        if t is not None and not t.is_contiguous():
+            return f"a non-contiguous {name}"
+    return None
+
+
+def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels,
+                          rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
+                          residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
+                          value_bits, value_tables, value_norms, value_rotation, scaling,
+                          device_type: str = "cuda") -> Optional[str]:
+    """None if the turbo kernel takes these arguments; else what it lacks (the caller falls back to torch).
+    Raises ValueError / TypeError for inputs no implementation should get (mixed devices, wrong dtypes)."""
+    _tensors_on(device_type, {"q": q, "key_norms": key_norms, "key_rotation": key_rotation, "channels": channels,
+                              "rest": rest, "outlier_values": outlier_values, "outlier_scales": outlier_scales,
+                              "outlier_mins": outlier_mins, "value_norms": value_norms,
+                              "value_rotation": value_rotation,
+                              **{f"exact_k[{i}]": t for i, t in enumerate(exact_k)},
+                              **{f"exact_v[{i}]": t for i, t in enumerate(exact_v)},
+                              **{f"key_codes[{i}]": t for i, t in enumerate(key_codes)},
+                              **{f"key_centroids[{i}]": t for i, t in enumerate(key_centroids)},
+                              **{f"value_codes[{i}]": t for i, t in enumerate(value_codes)},
+                              **{f"value_tables[{i}]": t for i, t in enumerate(value_tables)}})
+    for i, t in enumerate(key_codes):
+        _dtype(t, f"key_codes[{i}]", torch.uint8)
+    for i, t in enumerate(value_codes):
+        _dtype(t, f"value_codes[{i}]", torch.uint8)
+    _dtype(key_norms, "key_norms", torch.float16)
+    _dtype(value_norms, "value_norms", torch.float16)
+    _dtype(channels, "channels", torch.int64)
+    _dtype(rest, "rest", torch.int64)
+    if q.dtype not in FLOAT_TYPES:
+        return f"queries of dtype {q.dtype}"
+    if q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (kernels: 64, 128)"
+    if not 1 <= len(exact_k) <= 3 or len(exact_v) != len(exact_k):
+        return f"{len(exact_k)} exact parts (kernels: 1 to 3)"
+    if residual_projection is not None:
+        return "a residual sketch (turbo_residual_ratio > 0)"
+    if list(key_bits) != [3]:
+        return f"{'+'.join(map(str, key_bits))}-bit keys (kernels: 3)"
+    if channels is not None and channels.shape[-1] > MAX_OUTLIERS:
+        return f"{channels.shape[-1]} outlier channels (kernels: at most {MAX_OUTLIERS})"
+    if channels is not None and outlier_bits < 16 and (outlier_bits not in (2, 4, 8) or group_size < 16):
+        return f"{outlier_bits}-bit outliers over {group_size}-token groups (kernels: 2/4/8 bits, groups >= 16)"
+    if len(value_bits) != 1 or len(value_tables) != 1:
+        return f"{'+'.join(map(str, value_bits))}-bit values (kernels: one part of 2, 3 or 4 bits)"
+    if (value_bits[0], tuple(value_tables[0].shape)) not in _TURBO_VALUES:
+        return f"{value_bits[0]}-bit values with a {tuple(value_tables[0].shape)} table"
+    return _non_contiguous({"key_codes": key_codes[0], "value_codes": value_codes[0], "key_norms": key_norms,
+                            "value_norms": value_norms, "outlier_values": outlier_values,
+                            "outlier_scales": outlier_scales, "outlier_mins": outlier_mins, "channels": channels,
+                            "rest": rest})
+
+
+def check_sketch_attention(q, exact_k, exact_v, signs, key_norms, projection, sketch_scale, channels, outlier_values,
+                           outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean,
+                           value_codes, value_scales, value_mins, value_bits, value_group, scaling,
+                           device_type: str = "cuda") -> Optional[str]:
+    """As check_turbo_attention, for the qjl mode's op."""
+    _tensors_on(device_type, {"q": q, "signs": signs, "key_norms": key_norms, "projection": projection,
+                              "channels": channels, "outlier_values": outlier_values,
+                              "outlier_scales": outlier_scales, "outlier_mins": outlier_mins,
+                              "outlier_index": outlier_index, "key_mean": key_mean, "value_codes": value_codes,
+                              "value_scales": value_scales, "value_mins": value_mins,
+                              **{f"exact_k[{i}]": t for i, t in enumerate(exact_k)},
+                              **{f"exact_v[{i}]": t for i, t in enumerate(exact_v)}})
+    _dtype(signs, "signs", torch.uint8)
+    _dtype(value_codes, "value_codes", torch.uint8)
+    _dtype(key_norms, "key_norms", torch.float16)
+    _dtype(value_scales, "value_scales", torch.float16)
+    _dtype(value_mins, "value_mins", torch.float16)
+    _dtype(channels, "channels", torch.int64)
+    if q.dtype not in FLOAT_TYPES:
+        return f"queries of dtype {q.dtype}"
+    if q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (kernels: 64, 128)"
+    if not 1 <= len(exact_k) <= 3 or len(exact_v) != len(exact_k):
+        return f"{len(exact_k)} exact parts (kernels: 1 to 3)"
+    if outlier_index is not None:
+        return "per-group outliers (outlier_scope='group')"
+    if channels is not None and channels.shape[-1] > MAX_OUTLIERS:
+        return f"{channels.shape[-1]} outlier channels (kernels: at most {MAX_OUTLIERS})"
+    if channels is not None and outlier_bits < 16 and (outlier_bits not in (2, 4, 8) or group_size < 16):
+        return f"{outlier_bits}-bit outliers over {group_size}-token groups (kernels: 2/4/8 bits, groups >= 16)"
+    if value_bits not in (2, 4):
+        return f"{value_bits}-bit values (kernels: 2, 4)"
+    if key_mean is not None and key_mean.dtype != torch.float32:
+        return f"a {key_mean.dtype} key mean"
+    return _non_contiguous({"signs": signs, "key_norms": key_norms, "value_codes": value_codes,
+                            "value_scales": value_scales, "value_mins": value_mins,
+                            "outlier_values": outlier_values, "outlier_scales": outlier_scales,
+                            "outlier_mins": outlier_mins, "channels": channels, "key_mean": key_mean})
+
+
+def _unsupported(e: RuntimeError) -> Optional[str]:
+    """The reason of a "qjl-unsupported:" error the extension raises before any launch, else None."""
+    msg = str(e)
+    i = msg.find("qjl-unsupported:")
+    return msg[i + len("qjl-unsupported:"):].strip().splitlines()[0] if i >= 0 else None
