@@ -152,13 +152,9 @@ def cache_info(
 
 @cache_app.command("load", epilog=helptext.CACHE_LOAD)
 def cache_load(
-    file: options.CacheFile,
-    question: options.Question = None,
-    model: options.Model = None,
-    max_new_tokens: options.MaxNewTokens = 256,
-    as_json: options.Json = False,
-    no_stream: options.NoStream = False,
-    chat: options.Chat = False,
+    file: options.CacheFile, question: options.Question = None, chat: options.Chat = False,
+    max_new_tokens: options.MaxNewTokens = 256, model: options.Model = None,
+    no_stream: options.NoStream = False, as_json: options.Json = False,
 ) -> None:
     """Answer questions from the saved cache FILE (no reading of the document), one answer after another.
 
