@@ -24,10 +24,13 @@ Examples:
   qjl ask report.md "Who signed it?" -m ./SmolLM2-360M.gguf"""
 
 INTERACTIVE_HELP = """\
-Interactive session (no question, stdin a terminal):
-  each question is answered from the document alone; Ctrl-C stops an answer,
-  Ctrl-D or /exit leaves; /info shows tokens, cache bytes and bits per number;
-  /reset forgets the conversation."""
+Interactive session (no question, stdin a terminal): a conversation, each
+  answer sees the earlier questions and answers (the oldest are dropped, with a
+  notice, when they outgrow the context); Ctrl-C stops an answer, Ctrl-D or
+  /exit leaves; /info shows tokens, cache bytes and bits per number; /history
+  the turns kept; /reset forgets them; /save FILE.qjl writes the document's
+  cache. Questions given with -q, --questions or on stdin are each answered
+  from the document alone, unless --chat."""
 
 CACHE_EXAMPLES = """\
 Examples:
