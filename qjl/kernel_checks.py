@@ -55,6 +55,26 @@ def _non_contiguous(named: dict) -> Optional[str]:
     return None
 
 
+def _require(dtype: torch.dtype, named: dict) -> None:
+    for name, t in named.items():
+        _dtype(t, name, dtype)
+
+
+def _shared_reason(q, exact_k, exact_v, channels, outlier_bits: int, group_size: int) -> Optional[str]:
+    """What both attention kernels need of the queries, the exact parts and the channels kept apart."""
+    if q.dtype not in FLOAT_TYPES:
+        return f"queries of dtype {q.dtype}"
+    if q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (kernels: 64, 128)"
+    if not 1 <= len(exact_k) <= 3 or len(exact_v) != len(exact_k):
+        return f"{len(exact_k)} exact parts (kernels: 1 to 3)"
+    if channels is not None and channels.shape[-1] > MAX_OUTLIERS:
+        return f"{channels.shape[-1]} outlier channels (kernels: at most {MAX_OUTLIERS})"
+    if channels is not None and outlier_bits < 16 and (outlier_bits not in (2, 4, 8) or group_size < 16):
+        return f"{outlier_bits}-bit outliers over {group_size}-token groups (kernels: 2/4/8 bits, groups >= 16)"
+    return None
+
+
 def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels,
                           rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
                           residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
@@ -72,28 +92,17 @@ def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroid
                               **{f"key_centroids[{i}]": t for i, t in enumerate(key_centroids)},
                               **{f"value_codes[{i}]": t for i, t in enumerate(value_codes)},
                               **{f"value_tables[{i}]": t for i, t in enumerate(value_tables)}})
-    for i, t in enumerate(key_codes):
-        _dtype(t, f"key_codes[{i}]", torch.uint8)
-    for i, t in enumerate(value_codes):
-        _dtype(t, f"value_codes[{i}]", torch.uint8)
-    _dtype(key_norms, "key_norms", torch.float16)
-    _dtype(value_norms, "value_norms", torch.float16)
-    _dtype(channels, "channels", torch.int64)
-    _dtype(rest, "rest", torch.int64)
-    if q.dtype not in FLOAT_TYPES:
-        return f"queries of dtype {q.dtype}"
-    if q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (kernels: 64, 128)"
-    if not 1 <= len(exact_k) <= 3 or len(exact_v) != len(exact_k):
-        return f"{len(exact_k)} exact parts (kernels: 1 to 3)"
+    _require(torch.uint8, {**{f"key_codes[{i}]": t for i, t in enumerate(key_codes)},
+                           **{f"value_codes[{i}]": t for i, t in enumerate(value_codes)}})
+    _require(torch.float16, {"key_norms": key_norms, "value_norms": value_norms})
+    _require(torch.int64, {"channels": channels, "rest": rest})
+    reason = _shared_reason(q, exact_k, exact_v, channels, outlier_bits, group_size)
+    if reason:
+        return reason
     if residual_projection is not None:
         return "a residual sketch (turbo_residual_ratio > 0)"
     if list(key_bits) != [3]:
         return f"{'+'.join(map(str, key_bits))}-bit keys (kernels: 3)"
-    if channels is not None and channels.shape[-1] > MAX_OUTLIERS:
-        return f"{channels.shape[-1]} outlier channels (kernels: at most {MAX_OUTLIERS})"
-    if channels is not None and outlier_bits < 16 and (outlier_bits not in (2, 4, 8) or group_size < 16):
-        return f"{outlier_bits}-bit outliers over {group_size}-token groups (kernels: 2/4/8 bits, groups >= 16)"
     if len(value_bits) != 1 or len(value_tables) != 1:
         return f"{'+'.join(map(str, value_bits))}-bit values (kernels: one part of 2, 3 or 4 bits)"
     if (value_bits[0], tuple(value_tables[0].shape)) not in _TURBO_VALUES:
@@ -116,24 +125,14 @@ def check_sketch_attention(q, exact_k, exact_v, signs, key_norms, projection, sk
                               "value_scales": value_scales, "value_mins": value_mins,
                               **{f"exact_k[{i}]": t for i, t in enumerate(exact_k)},
                               **{f"exact_v[{i}]": t for i, t in enumerate(exact_v)}})
-    _dtype(signs, "signs", torch.uint8)
-    _dtype(value_codes, "value_codes", torch.uint8)
-    _dtype(key_norms, "key_norms", torch.float16)
-    _dtype(value_scales, "value_scales", torch.float16)
-    _dtype(value_mins, "value_mins", torch.float16)
-    _dtype(channels, "channels", torch.int64)
-    if q.dtype not in FLOAT_TYPES:
-        return f"queries of dtype {q.dtype}"
-    if q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (kernels: 64, 128)"
-    if not 1 <= len(exact_k) <= 3 or len(exact_v) != len(exact_k):
-        return f"{len(exact_k)} exact parts (kernels: 1 to 3)"
+    _require(torch.uint8, {"signs": signs, "value_codes": value_codes})
+    _require(torch.float16, {"key_norms": key_norms, "value_scales": value_scales, "value_mins": value_mins})
+    _require(torch.int64, {"channels": channels})
+    reason = _shared_reason(q, exact_k, exact_v, channels, outlier_bits, group_size)
+    if reason:
+        return reason
     if outlier_index is not None:
         return "per-group outliers (outlier_scope='group')"
-    if channels is not None and channels.shape[-1] > MAX_OUTLIERS:
-        return f"{channels.shape[-1]} outlier channels (kernels: at most {MAX_OUTLIERS})"
-    if channels is not None and outlier_bits < 16 and (outlier_bits not in (2, 4, 8) or group_size < 16):
-        return f"{outlier_bits}-bit outliers over {group_size}-token groups (kernels: 2/4/8 bits, groups >= 16)"
     if value_bits not in (2, 4):
         return f"{value_bits}-bit values (kernels: 2, 4)"
     if key_mean is not None and key_mean.dtype != torch.float32:

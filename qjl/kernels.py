@@ -211,6 +211,23 @@ def _module():
 
 
 # --- the CUDA implementations --------------------------------------------------------------------------------
+def _dispatch(name: str, args: tuple, check: Callable, launch: Callable):
+    """The kernel when it is ready and covers args (check -> None), else the torch op (with one warning)."""
+    torch_impl = TORCH_IMPL[name]
+    if not _ready():
+        return torch_impl(*args)
+    reason = check(*args)
+    if reason is None:
+        try:
+            return launch()
+        except RuntimeError as e:
+            reason = _unsupported(e)
+            if reason is None:
+                raise
+    fallback(name, reason)
+    return torch_impl(*args)
+
+
 def turbo_attention_cuda(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels,
                          rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs,
                          residual_norms, residual_projection, residual_scale, value_codes, value_bits, value_tables,
@@ -219,25 +236,17 @@ def turbo_attention_cuda(q, exact_k, exact_v, key_codes, key_bits, key_centroids
             outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs, residual_norms,
             residual_projection, residual_scale, value_codes, value_bits, value_tables, value_norms,
             value_rotation, scaling)
-    torch_impl = TORCH_IMPL["qjl::turbo_attention"]
-    if not _ready():
-        return torch_impl(*args)
-    reason = check_turbo_attention(*args)
-    if reason is None:
-        try:
-            table = value_tables[0]
-            return _module().turbo_attention(
-                q, _exact_parts(q, exact_k), _exact_parts(q, exact_v), key_codes[0],
-                key_centroids[0].float().contiguous(), key_norms, key_rotation.float().contiguous(), channels, rest,
-                outlier_values, outlier_scales, outlier_mins, int(outlier_bits), int(group_size), value_codes[0],
-                _TURBO_VALUES[(value_bits[0], tuple(table.shape))], table.float().reshape(-1).contiguous(),
-                value_norms, value_rotation.float().contiguous(), float(scaling))
-        except RuntimeError as e:
-            reason = _unsupported(e)
-            if reason is None:
-                raise
-    fallback("qjl::turbo_attention", reason)
-    return torch_impl(*args)
+
+    def launch():
+        table = value_tables[0]
+        return _module().turbo_attention(
+            q, _exact_parts(q, exact_k), _exact_parts(q, exact_v), key_codes[0],
+            key_centroids[0].float().contiguous(), key_norms, key_rotation.float().contiguous(), channels, rest,
+            outlier_values, outlier_scales, outlier_mins, int(outlier_bits), int(group_size), value_codes[0],
+            _TURBO_VALUES[(value_bits[0], tuple(table.shape))], table.float().reshape(-1).contiguous(),
+            value_norms, value_rotation.float().contiguous(), float(scaling))
+
+    return _dispatch("qjl::turbo_attention", args, check_turbo_attention, launch)
 
 
 def sketch_attention_cuda(q, exact_k, exact_v, signs, key_norms, projection, sketch_scale, channels, outlier_values,
@@ -246,23 +255,15 @@ def sketch_attention_cuda(q, exact_k, exact_v, signs, key_norms, projection, ske
     args = (q, exact_k, exact_v, signs, key_norms, projection, sketch_scale, channels, outlier_values, outlier_scales,
             outlier_mins, outlier_index, outlier_bits, group_size, key_mean, value_codes, value_scales, value_mins,
             value_bits, value_group, scaling)
-    torch_impl = TORCH_IMPL["qjl::sketch_attention"]
-    if not _ready():
-        return torch_impl(*args)
-    reason = check_sketch_attention(*args)
-    if reason is None:
-        try:
-            return _module().sketch_attention(
-                q, _exact_parts(q, exact_k), _exact_parts(q, exact_v), signs, key_norms,
-                projection.float().contiguous(), float(sketch_scale), channels, outlier_values, outlier_scales,
-                outlier_mins, int(outlier_bits), int(group_size), key_mean, value_codes, value_scales, value_mins,
-                int(value_bits), int(value_group), float(scaling))
-        except RuntimeError as e:
-            reason = _unsupported(e)
-            if reason is None:
-                raise
-    fallback("qjl::sketch_attention", reason)
-    return torch_impl(*args)
+
+    def launch():
+        return _module().sketch_attention(
+            q, _exact_parts(q, exact_k), _exact_parts(q, exact_v), signs, key_norms,
+            projection.float().contiguous(), float(sketch_scale), channels, outlier_values, outlier_scales,
+            outlier_mins, int(outlier_bits), int(group_size), key_mean, value_codes, value_scales, value_mins,
+            int(value_bits), int(value_group), float(scaling))
+
+    return _dispatch("qjl::sketch_attention", args, check_sketch_attention, launch)
 
 
 def check_codes(y: Tensor, bits: list[int], lengths: list[int], vq_codebook: Optional[Tensor],

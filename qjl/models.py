@@ -153,15 +153,9 @@ def remove_stale_conversions(models: Path) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, someone else's
-        return True
-    return True
+    from .doccache import pid_alive
+
+    return pid_alive(pid)
 
 
 def context_hint(spec: str | None) -> int | None:

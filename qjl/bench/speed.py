@@ -117,36 +117,16 @@ def measure_once(model, make: Callable[[], object], ids: torch.Tensor, question:
     return out
 
 
-@torch.inference_mode()
 def decode_speed(model, context: int, config: QJLConfig, steps: int = 32, vocab_limit: int = 1000,
                  seed: int = 0, prefill_chunk: int | None = None) -> dict:
-    """Prefill `context` random tokens (`prefill_chunk` at a time), then time `steps` greedy decode steps."""
+    """Prefill `context` random tokens (`prefill_chunk` at a time), then time `steps` greedy decode steps
+    (measure_once with a one-token question)."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     ids = torch.randint(100, vocab_limit, (1, context), generator=gen).to(device)
-    cache = make_cache(model.config, config)
+    res = measure_once(model, lambda: make_cache(model.config, config), ids, ids[:, -1:], steps, prefill_chunk)
+    out = {"kv": config.kv, "context": context, "decode_ms_per_token": res["decode_ms_per_token"],
+           "prefill_s": res["prefill_s"], "prefill_tokens_per_s": res["prefill_tokens_per_s"]}
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    chunk = prefill_chunk or context
-    t0 = time.perf_counter()
-    for start in range(0, context, chunk):
-        logits = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits
-    sync(device)
-    prefill_s = time.perf_counter() - t0
-    cache.freeze_document()
-    token = logits[:, -1:].argmax(-1)
-    model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up step
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        token = logits[:, -1:].argmax(-1)
-    sync(device)
-    ms = 1000 * (time.perf_counter() - t0) / steps
-    out = {"kv": config.kv, "context": context, "decode_ms_per_token": ms, "prefill_s": prefill_s,
-           "prefill_tokens_per_s": context / prefill_s}
-    if device.type == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_gib"] = res["peak_memory_bytes"] / 2**30
     return out
