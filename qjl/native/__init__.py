@@ -32,7 +32,9 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 MAX_PARTS = 2
 # Query rows (GQA group x chunk) the kernel takes: decode steps and question chunks; a long prefill chunk's
 # attention is torch's batched matmuls, which do better there.
-MAX_ROWS = 256
+MAX_ROWS = 64
+MAX_HEAD_DIM = 512  # the kernel's per-token buffers (qjl_cpu.c compressed_block)
+MAX_CHANNELS = 64
 
 
 class TurboArgs(ctypes.Structure):
@@ -154,7 +156,8 @@ def _covered(q, exact_k, key_codes, key_norms, channels, outlier_bits, outlier_s
              value_codes, value_norms) -> bool:
     B, Hq, L, D = q.shape
     rows = Hq // exact_k[0].shape[1] * L
-    return (residual_projection is None and rows <= MAX_ROWS and len(key_codes) <= MAX_PARTS
+    return (residual_projection is None and rows <= MAX_ROWS and D <= MAX_HEAD_DIM and len(key_codes) <= MAX_PARTS
+            and (channels is None or channels.shape[-1] <= MAX_CHANNELS)
             and len(value_codes) <= MAX_PARTS and key_norms.dtype == value_norms.dtype == torch.float16
             and (channels is None or (outlier_bits in (2, 4, 8) and outlier_scales.dtype == torch.float16))
             and q.dtype in (torch.float32, torch.float16, torch.bfloat16))

@@ -110,43 +110,27 @@ static void build_tables(const turbo_args *a, const float *qr, float *tab) {
     }
 }
 
-/* sum of the table entries a token's codes pick, for one row's tables */
-static inline float key_dot(const turbo_args *a, const float *tab, int64_t bh, int64_t t) {
-    float s = 0.f;
-    int off = 0;
+/* The table slots a token's key codes pick: one per pair of 3-bit codes, one per byte otherwise. */
+static inline int key_slots(const turbo_args *a, int64_t bh, int64_t t, int *slot) {
+    int n = 0, off = 0;
     for (int p = 0; p < a->nkp; p++) {
         const int bits = a->kbits[p], nb = a->knb[p];
         const uint8_t *b = a->kcodes[p] + (bh * a->T + t) * nb;
         if (bits == 3) {
             for (int i = 0; i < nb / 3; i++) {
                 const uint32_t word = b[3 * i] | (b[3 * i + 1] << 8) | (b[3 * i + 2] << 16);
-                const float *row = tab + off + i * 4 * 64;
-                s += row[word & 63] + row[64 + ((word >> 6) & 63)] + row[128 + ((word >> 12) & 63)]
-                     + row[192 + ((word >> 18) & 63)];
+                for (int s = 0; s < 4; s++) slot[n++] = off + (i * 4 + s) * 64 + ((word >> (6 * s)) & 63);
             }
         } else {
-            for (int i = 0; i < nb; i++) s += tab[off + i * 256 + b[i]];
+            for (int i = 0; i < nb; i++) slot[n++] = off + i * 256 + b[i];
         }
         off += part_slots(bits, a->klen[p]) * part_entries(bits);
     }
-    return s;
+    return n;
 }
 
-/* the channels kept apart: sum_j q_j (s_gj code_gjt + z_gj) */
-static inline float outlier_dot(const turbo_args *a, const float *qsel, int64_t bh, int64_t t) {
-    const int G = a->G, r = a->r, bits = a->obits, per = 8 / bits, mask = (1 << bits) - 1;
-    const int64_t g = t / G, u = t % G, rows = (a->T / G) * r, row_bytes = G * bits / 8;
-    float s = 0.f;
-    for (int j = 0; j < r; j++) {
-        const int64_t row = bh * rows + g * r + j;
-        const int code = (a->ocodes[row * row_bytes + u / per] >> ((u % per) * bits)) & mask;
-        s += qsel[j] * (h2f(a->oscales[row]) * code + h2f(a->omins[row]));
-    }
-    return s;
-}
-
-/* add w * (the rotated, unit-scale decoded value of token t) to acc [D] */
-static inline void value_add(const turbo_args *a, int64_t bh, int64_t t, float w, float *acc) {
+/* The rotated, unit-scale value of token t: y_hat [D] from its codes. */
+static inline void value_decode(const turbo_args *a, int64_t bh, int64_t t, float *y) {
     int coord = 0;
     for (int p = 0; p < a->nvp; p++) {
         const int nb = a->vnb[p], per = a->vper[p];
@@ -155,45 +139,85 @@ static inline void value_add(const turbo_args *a, int64_t bh, int64_t t, float w
         if (a->vbits[p] == 3) {
             for (int i = 0; i < nb / 3; i++) {
                 const uint32_t word = b[3 * i] | (b[3 * i + 1] << 8) | (b[3 * i + 2] << 16);
-                for (int k = 0; k < 8; k++) acc[coord + i * 8 + k] += w * tab[(word >> (3 * k)) & 7];
+                for (int k = 0; k < 8; k++) y[coord + i * 8 + k] = tab[(word >> (3 * k)) & 7];
             }
             coord += nb / 3 * 8;
         } else {
-            for (int i = 0; i < nb; i++) {
-                const float *e = tab + b[i] * per;
-                float *o = acc + coord + i * per;
-                for (int k = 0; k < per; k++) o[k] += w * e[k];
-            }
+            for (int i = 0; i < nb; i++) memcpy(y + coord + i * per, tab + b[i] * per, sizeof(float) * per);
             coord += nb * per;
         }
     }
 }
 
-/* One block of compressed tokens of one KV head: (max, sum, acc) per row, acc in rotated space. */
+/* Per row, the outlier channels' contribution for one token group: sum_j (q_j s_gj) code_j + sum_j q_j z_gj. */
+static void outlier_group(const turbo_args *a, const float *qsel, int64_t bh, int64_t g, float *coef, float *bias) {
+    const int r = a->r;
+    const int64_t rows = (a->T / a->G) * r;
+    for (int row = 0; row < a->R; row++) {
+        float b = 0.f;
+        for (int j = 0; j < r; j++) {
+            const int64_t k = bh * rows + g * r + j;
+            coef[row * r + j] = qsel[row * r + j] * h2f(a->oscales[k]);
+            b += qsel[row * r + j] * h2f(a->omins[k]);
+        }
+        bias[row] = b;
+    }
+}
+
+/* One block of compressed tokens of one KV head: (max, sum, acc) per row, acc in rotated space. Each token's
+ * codes are read once for all R rows. */
 static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs, int tab_size, const float *qsel,
                              int64_t t0, int64_t t1, float *m, float *s, float *acc) {
-    const int R = a->R, D = a->D;
-    float logit[TOKEN_BLOCK];
-    for (int r = 0; r < R; r++) {
-        float top = -INFINITY;
-        for (int64_t t = t0; t < t1; t++) {
-            float x = h2f(a->knorms[bh * a->T + t]) * key_dot(a, tabs + (int64_t)r * tab_size, bh, t);
-            if (a->r) x += outlier_dot(a, qsel + r * a->r, bh, t);
-            x *= a->scaling;
-            logit[t - t0] = x;
-            if (x > top) top = x;
+    const int R = a->R, D = a->D, r = a->r, n = (int)(t1 - t0);
+    float *logit = malloc(sizeof(float) * R * TOKEN_BLOCK);
+    float *coef = malloc(sizeof(float) * R * (r ? r : 1)), *bias = malloc(sizeof(float) * R);
+    float y[512];
+    int slot[512], code[64];
+    int64_t group = -1;
+    for (int64_t t = t0; t < t1; t++) {
+        const int ns = key_slots(a, bh, t, slot);
+        const float norm = h2f(a->knorms[bh * a->T + t]);
+        if (r) {
+            const int64_t g = t / a->G, u = t % a->G, rows = (a->T / a->G) * r;
+            const int per = 8 / a->obits, mask = (1 << a->obits) - 1, row_bytes = a->G * a->obits / 8;
+            if (g != group) { outlier_group(a, qsel, bh, g, coef, bias); group = g; }
+            for (int j = 0; j < r; j++)
+                code[j] = (a->ocodes[(bh * rows + g * r + j) * row_bytes + u / per] >> ((u % per) * a->obits)) & mask;
         }
-        float sum = 0.f;
-        float *o = acc + (int64_t)r * D;
-        memset(o, 0, sizeof(float) * D);
-        for (int64_t t = t0; t < t1; t++) {
-            const float p = expf(logit[t - t0] - top);
-            sum += p;
-            value_add(a, bh, t, p * h2f(a->vnorms[bh * a->T + t]), o);
+        for (int row = 0; row < R; row++) {
+            const float *tab = tabs + (int64_t)row * tab_size;
+            float x = 0.f;
+            for (int i = 0; i < ns; i++) x += tab[slot[i]];
+            x *= norm;
+            if (r) {
+                float o = bias[row];
+                for (int j = 0; j < r; j++) o += coef[row * r + j] * code[j];
+                x += o;
+            }
+            logit[row * TOKEN_BLOCK + (t - t0)] = x * a->scaling;
         }
-        m[r] = top;
-        s[r] = sum;
     }
+    for (int row = 0; row < R; row++) {
+        float top = -INFINITY, sum = 0.f;
+        float *l = logit + row * TOKEN_BLOCK;
+        for (int i = 0; i < n; i++) top = fmaxf(top, l[i]);
+        for (int i = 0; i < n; i++) { l[i] = expf(l[i] - top); sum += l[i]; }
+        m[row] = top;
+        s[row] = sum;
+    }
+    memset(acc, 0, sizeof(float) * R * D);
+    for (int64_t t = t0; t < t1; t++) {
+        value_decode(a, bh, t, y);
+        const float vn = h2f(a->vnorms[bh * a->T + t]);
+        for (int row = 0; row < R; row++) {
+            const float w = logit[row * TOKEN_BLOCK + (t - t0)] * vn;
+            float *o = acc + (int64_t)row * D;
+            for (int d = 0; d < D; d++) o[d] += w * y[d];
+        }
+    }
+    free(logit);
+    free(coef);
+    free(bias);
 }
 
 /* Merge the blocks, rotate back, add the exact tokens: out rows of one KV head. */
