@@ -143,7 +143,16 @@ static inline void value_decode(const turbo_args *a, int64_t bh, int64_t t, floa
             }
             coord += nb / 3 * 8;
         } else {
-            for (int i = 0; i < nb; i++) memcpy(y + coord + i * per, tab + b[i] * per, sizeof(float) * per);
+            if (per == 4) {
+                for (int i = 0; i < nb; i++) {
+                    const float *e = tab + b[i] * 4;
+                    float *o = y + coord + i * 4;
+                    o[0] = e[0]; o[1] = e[1]; o[2] = e[2]; o[3] = e[3];
+                }
+            } else {
+                for (int i = 0; i < nb; i++)
+                    for (int k = 0; k < per; k++) y[coord + i * per + k] = tab[b[i] * per + k];
+            }
             coord += nb * per;
         }
     }
@@ -164,60 +173,90 @@ static void outlier_group(const turbo_args *a, const float *qsel, int64_t bh, in
     }
 }
 
-/* One block of compressed tokens of one KV head: (max, sum, acc) per row, acc in rotated space. Each token's
- * codes are read once for all R rows. */
+/* One block of compressed tokens of one KV head: (max, sum, acc) per row, acc in rotated space.
+ * Each token's codes are decoded once (key table slots and outlier codes token-minor, so the per-row sums run
+ * over tokens and vectorise as gathers; values into a [tokens, D] tile), then every row reads them. */
 static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs, int tab_size, const float *qsel,
                              int64_t t0, int64_t t1, float *m, float *s, float *acc) {
-    const int R = a->R, D = a->D, r = a->r, n = (int)(t1 - t0);
-    float *logit = malloc(sizeof(float) * R * TOKEN_BLOCK);
+    const int R = a->R, D = a->D, r = a->r, n = (int)(t1 - t0), TB = TOKEN_BLOCK;
+    int max_slots = 0;
+    for (int p = 0; p < a->nkp; p++) max_slots += part_slots(a->kbits[p], a->klen[p]);
+    int32_t *slot = malloc(sizeof(int32_t) * max_slots * TB);
+    float *code = malloc(sizeof(float) * (r ? r : 1) * TB);
+    float *logit = malloc(sizeof(float) * R * TB);
+    float *vdec = malloc(sizeof(float) * TB * D);
     float *coef = malloc(sizeof(float) * R * (r ? r : 1)), *bias = malloc(sizeof(float) * R);
-    float y[512];
-    int slot[512], code[64];
-    int64_t group = -1;
-    for (int64_t t = t0; t < t1; t++) {
-        const int ns = key_slots(a, bh, t, slot);
-        const float norm = h2f(a->knorms[bh * a->T + t]);
+    float norm[TOKEN_BLOCK], vn[TOKEN_BLOCK];
+    int tmp[512];
+    int ns = 0;
+    /* outlier codes: rows of G tokens at obits bits, `per` codes a byte (a power of 2) */
+    const int per = r ? 8 / a->obits : 1, per_log2 = per == 1 ? 0 : per == 2 ? 1 : per == 4 ? 2 : 3;
+    const int mask = r ? (1 << a->obits) - 1 : 0, row_bytes = r ? a->G * a->obits / 8 : 0;
+    const int64_t rows = r ? (a->T / a->G) * r : 0;
+    int64_t g = 0, u = 0;
+    const uint8_t *base = a->ocodes;
+    for (int k = 0; k < n; k++) {
+        const int64_t t = t0 + k;
+        ns = key_slots(a, bh, t, tmp);
+        for (int i = 0; i < ns; i++) slot[i * TB + k] = tmp[i];
+        norm[k] = h2f(a->knorms[bh * a->T + t]);
+        vn[k] = h2f(a->vnorms[bh * a->T + t]);
+        value_decode(a, bh, t, vdec + (int64_t)k * D);
         if (r) {
-            const int64_t g = t / a->G, u = t % a->G, rows = (a->T / a->G) * r;
-            const int per = 8 / a->obits, mask = (1 << a->obits) - 1, row_bytes = a->G * a->obits / 8;
-            if (g != group) { outlier_group(a, qsel, bh, g, coef, bias); group = g; }
-            for (int j = 0; j < r; j++)
-                code[j] = (a->ocodes[(bh * rows + g * r + j) * row_bytes + u / per] >> ((u % per) * a->obits)) & mask;
-        }
-        for (int row = 0; row < R; row++) {
-            const float *tab = tabs + (int64_t)row * tab_size;
-            float x = 0.f;
-            for (int i = 0; i < ns; i++) x += tab[slot[i]];
-            x *= norm;
-            if (r) {
-                float o = bias[row];
-                for (int j = 0; j < r; j++) o += coef[row * r + j] * code[j];
-                x += o;
+            if (k == 0 || ++u == a->G) {  /* the token's group and place in it, without a division per token */
+                g = t / a->G;
+                u = t % a->G;
+                base = a->ocodes + (bh * rows + g * r) * row_bytes;
             }
-            logit[row * TOKEN_BLOCK + (t - t0)] = x * a->scaling;
+            const uint8_t *c = base + (u >> per_log2);
+            const int shift = (int)(u & (per - 1)) * a->obits;
+            for (int j = 0; j < r; j++) code[j * TB + k] = (float)((c[j * row_bytes] >> shift) & mask);
         }
     }
     for (int row = 0; row < R; row++) {
+        float *l = logit + row * TB;
+        const float *tab = tabs + (int64_t)row * tab_size;
+        for (int k = 0; k < n; k++) l[k] = 0.f;
+        for (int i = 0; i < ns; i++) {
+            const int32_t *si = slot + i * TB;
+            for (int k = 0; k < n; k++) l[k] += tab[si[k]];
+        }
+        for (int k = 0; k < n; k++) l[k] *= norm[k];
+    }
+    if (r) {
+        for (int k0 = 0; k0 < n;) {  /* one token group at a time: its scales and minimums */
+            const int64_t g = (t0 + k0) / a->G;
+            int k1 = (int)((g + 1) * a->G - t0);
+            if (k1 > n) k1 = n;
+            outlier_group(a, qsel, bh, g, coef, bias);
+            for (int row = 0; row < R; row++) {
+                float *l = logit + row * TB;
+                for (int k = k0; k < k1; k++) l[k] += bias[row];
+                for (int j = 0; j < r; j++) {
+                    const float c = coef[row * r + j];
+                    const float *cj = code + j * TB;
+                    for (int k = k0; k < k1; k++) l[k] += c * cj[k];
+                }
+            }
+            k0 = k1;
+        }
+    }
+    for (int row = 0; row < R; row++) {
+        float *l = logit + row * TB;
         float top = -INFINITY, sum = 0.f;
-        float *l = logit + row * TOKEN_BLOCK;
-        for (int i = 0; i < n; i++) top = fmaxf(top, l[i]);
-        for (int i = 0; i < n; i++) { l[i] = expf(l[i] - top); sum += l[i]; }
+        for (int k = 0; k < n; k++) { l[k] *= a->scaling; top = fmaxf(top, l[k]); }
+        for (int k = 0; k < n; k++) { l[k] = expf(l[k] - top); sum += l[k]; }
         m[row] = top;
         s[row] = sum;
-    }
-    memset(acc, 0, sizeof(float) * R * D);
-    for (int64_t t = t0; t < t1; t++) {
-        value_decode(a, bh, t, y);
-        const float vn = h2f(a->vnorms[bh * a->T + t]);
-        for (int row = 0; row < R; row++) {
-            const float w = logit[row * TOKEN_BLOCK + (t - t0)] * vn;
-            float *o = acc + (int64_t)row * D;
+        float *o = acc + (int64_t)row * D;
+        memset(o, 0, sizeof(float) * D);
+        for (int k = 0; k < n; k++) {
+            const float w = l[k] * vn[k];
+            const float *y = vdec + (int64_t)k * D;
             for (int d = 0; d < D; d++) o[d] += w * y[d];
         }
     }
-    free(logit);
-    free(coef);
-    free(bias);
+    free(slot); free(code); free(logit); free(vdec); free(coef); free(bias);
 }
 
 /* Merge the blocks, rotate back, add the exact tokens: out rows of one KV head. */
