@@ -12,7 +12,7 @@ Layout of a `.qjl` file:
 No pickle anywhere: safetensors holds raw bytes and a JSON header, so a file from a stranger cannot run
 code. Every problem with a file raises `CacheFileError`, one line that says what to do.
 
-Loading memory-maps the file: safe_open's CPU tensors are copy-on-write views of the mapped file (a 200 MB
+Loading memory-maps the file (qjl/cachefile.py, copy-on-write): the tensors are views of the mapped file (a 200 MB
 tensor measured 2 MB of RSS on loading), so the loaded document segment shares pages with the page cache.
 """
 
@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .cache import COMPRESSED_MODES, QJLCache, kv_geometry
+from .cache import QJLCache, kv_geometry
+from .cachefile import (FORMAT_NAME, FORMAT_VERSION, CacheFile, check_checksum, check_header, checksum,  # noqa: F401
+                        inspect_cache, meta_int, open_file, parse_config, public_meta)
 from .config import QJLConfig
 from .errors import CacheFileError  # noqa: F401 - re-exported
-
-FORMAT_NAME = "qjl-cache"
-FORMAT_VERSION = "3"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook
 # Written in pieces so a huge cache never needs a second copy in a single write call.
 _CHUNK_BYTES = 1 << 20
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -51,15 +50,12 @@ def describe_source(name: str, text: str, path: str | os.PathLike | None = None)
 
 def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the metadata (without the checksum) and every tensor's name, dtype, shape and bytes, by name."""
-    h = hashlib.sha256()
-    meta = {k: v for k, v in metadata.items() if k != "checksum"}
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())  # no copy of a mapped file
-    return h.hexdigest()
+    return checksum(metadata, ((name, str(t.dtype), list(t.shape), _raw(t)) for name, t in tensors.items()))
+
+
+def _raw(t: torch.Tensor):
+    """A tensor's bytes for hashing, without a copy of a mapped file."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy() if t.numel() else b""
 
 
 def _file_tensors(cache: QJLCache) -> dict[str, torch.Tensor]:
@@ -153,66 +149,19 @@ def save_cache(path: str | os.PathLike, cache: QJLCache, *, model_name: str, ide
 
 
 # --- read ------------------------------------------------------------------------------------------
-def _open(path: Path):
-    """(metadata, {name: tensor}) of a safetensors file, every failure a CacheFileError."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise CacheFileError(f"cache file not found: {path}; check the path or save one with `qjl cache save`")
-    if not path.is_file():
-        raise CacheFileError(f"{path} is not a file; give a .qjl cache file")
-    if not os.access(path, os.R_OK):
-        raise CacheFileError(f"cannot read {path}: permission denied; check its permissions")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:  # memory-mapped; tensors copied out
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except CacheFileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the Rust reader's errors (header, truncation, offsets) and OSError
-        detail = " ".join(str(e).split())[:160] or type(e).__name__
-        raise CacheFileError(f"{path} is not a readable cache file (truncated or corrupted: {detail}); "
-                             f"save it again with `qjl cache save`") from None
-    return metadata, tensors
-
-
-def _meta_int(meta: dict, key: str, path: Path) -> int:
-    try:
-        v = int(meta[key])
-    except (KeyError, ValueError, TypeError):
-        raise CacheFileError(f"{path}: metadata field {key!r} is missing or not a number; the file is "
-                             f"corrupted, save it again") from None
-    if v < 0:
-        raise CacheFileError(f"{path}: metadata field {key!r} is negative; the file is corrupted, save it again")
-    return v
-
-
-def _check_header(meta: dict, path: Path) -> None:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise CacheFileError(f"{path} is a safetensors file but not a qjl cache file; give a file made by "
-                             f"`qjl cache save`")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CacheFileError(f"{path} has cache format version {meta.get('format_version')!r}, this qjl reads "
-                             f"version {FORMAT_VERSION}; save the document again with this qjl")
-
-
-def _check_checksum(meta: dict, tensors: dict, path: Path) -> None:
-    if meta.get("checksum") != _checksum(meta, tensors):
-        raise CacheFileError(f"{path} failed its checksum (the file is corrupted); save the document again")
-
-
-def _parse_config(meta: dict, path: Path) -> QJLConfig:
-    try:
-        d = json.loads(meta["config"])
-        if not isinstance(d, dict):
-            raise TypeError
-        config = QJLConfig.from_dict(d)
-    except Exception as e:  # noqa: BLE001 - JSON, unknown fields, bad values, wrong types
-        raise CacheFileError(f"{path}: its QJL settings cannot be read ({' '.join(str(e).split())[:120]}); "
-                             f"save the document again with this qjl") from None
-    if config.kv not in COMPRESSED_MODES:
-        raise CacheFileError(f"{path}: not a compressed (--kv qjl or turbo) cache; save the document again")
-    return config
+def _open(path: Path) -> tuple[dict, dict[str, torch.Tensor], CacheFile]:
+    """(metadata, {name: tensor}, the open file): the layout checked by qjl/cachefile.py, every tensor a
+    copy-on-write view of the file's memory map."""
+    f = open_file(path)
+    tensors = {}
+    for name, e in f.tensors.items():
+        dtype = getattr(torch, e.dtype.removeprefix("torch."))
+        if e.nbytes == 0:
+            tensors[name] = torch.empty(e.shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(f.map, dtype=dtype, count=e.nbytes // dtype.itemsize,
+                                             offset=e.start).view(e.shape)
+    return f.metadata, tensors, f
 
 
 def _compressed_counts(meta: dict, config: QJLConfig, most: int, n_layers: int, path: Path) -> list[int]:
@@ -271,19 +220,19 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
                     ) -> tuple[QJLCache, dict]:
     """Validate a cache file against a model and rebuild its frozen QJLCache -> (cache, metadata)."""
     path = Path(path)
-    meta, tensors = _open(path)
-    _check_header(meta, path)
+    meta, tensors, f = _open(path)
+    check_header(meta, path)
     if meta.get("model_identity") != identity:
         raise CacheFileError(f"{path} was made by model {meta.get('model_name', '?')!r} (identity "
                              f"{str(meta.get('model_identity'))[:12]}), not {model_name} ({identity[:12]}); "
                              f"load it with that model (--model) or save the document again with this one")
-    config = _parse_config(meta, path)
+    config = parse_config(meta, path)
     n_layers, n_kv, head_dim = kv_geometry(model_config)
     for key, want in (("num_layers", n_layers), ("num_kv_heads", n_kv), ("head_dim", head_dim)):
-        if _meta_int(meta, key, path) != want:
+        if meta_int(meta, key, path) != want:
             raise CacheFileError(f"{path}: {key} is {meta[key]} but the model has {want}; load it with the model "
                                  f"that saved it")
-    tokens = _meta_int(meta, "document_tokens", path)
+    tokens = meta_int(meta, "document_tokens", path)
     n_sink = min(config.sink_tokens, tokens)  # the sink fills before anything is compressed
     n_compressed = _compressed_counts(meta, config, tokens - n_sink, n_layers, path)
     batch, storage_dtype = _window_layout(tensors, path)
@@ -294,7 +243,7 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
         spec = layer.expected_tensors(batch, n_compressed[i], n_sink, tokens - n_compressed[i] - n_sink, storage_dtype)
         expected.update({f"layers.{i}.{name}": s for name, s in spec.items()})
     _check_tensors(tensors, expected, cache.layers[0].channel_indices(), head_dim, path)
-    _check_checksum(meta, tensors, path)  # after the sizes: a header declaring huge tensors is refused unread
+    check_checksum(f)  # after the sizes: a header declaring huge tensors is refused unread
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     shared = {name: tensors[name].to(device) for name in cache.shared_matrices()}
@@ -303,7 +252,7 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
         own = {name[len(prefix):]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
         layer.load_tensors(own, {n: shared[f"{n}s.{seed}"] for n, (seed, _) in layer.shared_matrices().items()},
                            dtype)
-    info = _public_meta(meta, path)
+    info = public_meta(meta, path)
     try:
         info["suffix_template"].format(question="?")
     except (KeyError, IndexError, ValueError, AttributeError):
@@ -318,50 +267,3 @@ def load_cache(path: str | os.PathLike, loaded_model, device: str | torch.device
     param = next(loaded_model.model.parameters())
     return read_cache_file(path, loaded_model.model.config, loaded_model.identity, loaded_model.name,
                            device=device if device is not None else param.device, dtype=param.dtype)
-
-
-# --- inspect ---------------------------------------------------------------------------------------
-def _public_meta(meta: dict, path: Path) -> dict:
-    return {
-        "format": meta.get("format"),
-        "format_version": meta.get("format_version"),
-        "model_name": meta.get("model_name"),
-        "model_identity": meta.get("model_identity"),
-        "document_tokens": _meta_int(meta, "document_tokens", path),
-        "suffix_template": meta.get("suffix_template", ""),
-        "source": {"name": meta.get("source_name", ""), "size": meta.get("source_size", ""),
-                   "sha256": meta.get("source_sha256", "")},
-        "created": meta.get("created", ""),
-        "checksum": meta.get("checksum"),
-    }
-
-
-def inspect_cache(path: str | os.PathLike) -> dict:
-    """What `qjl cache info` shows; needs no model. Validates format, version and checksum."""
-    path = Path(path)
-    meta, tensors = _open(path)
-    _check_header(meta, path)
-    info = _public_meta(meta, path)
-    layers, kv_heads, head_dim = (_meta_int(meta, k, path) for k in ("num_layers", "num_kv_heads", "head_dim"))
-    tokens = info["document_tokens"]
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    numbers = 2 * tokens * layers * kv_heads * head_dim
-    fp16 = 2 * numbers
-    # Sizes before the checksum (which reads every byte): no mode stores more than 16 bits a number, plus its
-    # per-layer parameters and per-model matrices (a few D x 4D fp32 matrices).
-    most = 2 * fp16 + layers * kv_heads * head_dim * 64 + 64 * 16 * head_dim * head_dim + (1 << 20)
-    if nbytes > most:
-        raise CacheFileError(f"{path}: its tensors hold {nbytes:,} bytes, more than {tokens:,} tokens of this geometry "
-                             f"can ({most:,}); the file is corrupted, save the document again")
-    _check_checksum(meta, tensors, path)
-    config = _parse_config(meta, path)
-    info.update({
-        "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim,
-        "tensor_bytes": nbytes,
-        "bits_per_number": 8 * nbytes / numbers if numbers else 0.0,
-        "file_bytes": path.stat().st_size,
-        "fp16_bytes": fp16,
-        "ratio_vs_fp16": path.stat().st_size / fp16 if fp16 else 0.0,
-        "config": config.to_dict(),
-    })
-    return info
