@@ -20,8 +20,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 ENTRY = re.compile(r"^[0-9a-f]{32}\.qjl$")
-# A temporary file of an interrupted save: .NAME.PID.RANDOM.tmp (qjl/store.py write_cache_file).
-TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+# A temporary file of an interrupted save: .NAME.qjl.PID.RANDOM.tmp (qjl/store.py write_cache_file).
+TEMP = re.compile(r"^\.(?P<name>.+\.qjl)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$", re.IGNORECASE)
 # Bump when the prompt around the document changes (qjl/session.py split_prompt and its templates).
 PROMPT_VERSION = "1"
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3

@@ -12,8 +12,8 @@ and the next prompt feeds only the tokens after what the tail already holds
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -23,6 +23,7 @@ from .config import QJLConfig
 from .conversation import ContextFullError, Conversation, question_too_long, turn_template
 from .errors import ConfigError, DocumentTooLongError  # noqa: F401 - re-exported
 from .models import LoadedModel
+from .results import Answer, DocumentStats, GenerationTiming  # noqa: F401 - re-exported
 from .truncation import CUT_TRIES, MERGE_SLACK, TRUNCATE_MODES, TRUNCATION_MARK, cut_text, document_spans
 
 SYSTEM_PROMPT = "You answer questions about a document. Answer briefly, using only the document."
@@ -31,46 +32,6 @@ QUESTION_TEMPLATE = "Question: {question}"
 _SLOT = "\u2063QJL-QUESTION-SLOT\u2063"
 # Tokens kept free for the question and its answer when checking a document against the context.
 QUESTION_RESERVE = 64
-
-
-@dataclass
-class Answer:
-    text: str
-    question_tokens: int
-    generated_tokens: int
-    first_token_s: float  # question prefill + first token
-    decode_ms_per_token: float  # mean over tokens after the first
-    stopped: bool = False  # True when interrupted
-    history_tokens: int = 0  # earlier turns of the conversation in the prompt (between document and question)
-    dropped_turns: int = 0  # oldest turns dropped so that this one fits the context
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerationTiming:
-    """Filled in by Session.generate as tokens come."""
-    question_tokens: int = 0
-    history_tokens: int = 0
-    dropped_turns: int = 0
-    generated: int = 0
-    first_token_s: float = 0.0  # question prefill + first token
-    decode_s: float = 0.0  # every step after the first
-
-
-@dataclass
-class DocumentStats:
-    document_tokens: int
-    prefill_s: float
-    kv_bytes: int
-    kv_bits_per_number: float
-    fp16_bytes: int
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.document_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
 def split_prompt(tokenizer, document: str) -> tuple[str, str]:
@@ -203,7 +164,7 @@ class Session:
         """Room for the longest of `questions` (at least QUESTION_RESERVE); one that cannot fit even with an
         empty document raises ContextFullError now, before any prefill."""
         longest = max((len(self.question_ids(q)) for q in questions), default=0)
-        prefix = len(self.tokenize_document(""))
+        prefix = len(self.tokenizer(split_prompt(self.tokenizer, "")[0], add_special_tokens=False)["input_ids"])
         if prefix + longest + max_new_tokens > self.loaded.context_length:
             raise question_too_long(longest, prefix, 0, max_new_tokens, self.loaded.context_length)
         return max(QUESTION_RESERVE, longest)
@@ -240,7 +201,21 @@ class Session:
             f"{max_new_tokens:,} take {reserve + max_new_tokens:,}; lower --max-new-tokens or shorten the question",
             prompt_tokens, max(limit, 0), self.loaded.context_length)
 
-    # --- cache files (qjl/store.py) ---------------------------------------------------------
+    # --- cache files (qjl/store.py) and the automatic document cache (qjl/doccache.py) ------------
+    def cache_key(self, document: str, max_new_tokens: int = 256, truncate: str | None = None,
+                  questions: Sequence[str] = ()) -> str:
+        """The automatic cache's name (qjl/doccache.py) of the prefix load_document would build: the text, the
+        model (identity, dtype, device), the settings, the prompt, the cut when one applies, the file format."""
+        from .cachefile import FORMAT_VERSION
+        from .doccache import document_key
+
+        n = len(self.tokenize_document(document))
+        limit = self.limit(max_new_tokens, self._reserve(questions, max_new_tokens))
+        cut = {"truncate": truncate, "limit": limit} if truncate and n > limit else {}
+        shape = json.dumps({**cut, "prompt": "".join(split_prompt(self.tokenizer, ""))}, sort_keys=True)
+        model = f"{self.loaded.identity}:{next(self.model.parameters()).dtype}:{self.device.type}"
+        return document_key(document, model, self.config.to_json(), shape, FORMAT_VERSION)
+
     def save_cache(self, path, source_info: dict | None = None):
         """Write the document segment (a frozen --kv qjl cache) to a .qjl file; returns its path."""
         from .store import save_cache
@@ -248,10 +223,11 @@ class Session:
         return save_cache(path, self.cache, model_name=self.loaded.name, identity=self.loaded.identity,
                           suffix_template=self.suffix_template, source=source_info)
 
-    def load_cache(self, path, max_new_tokens: int = 256) -> DocumentStats:
+    def load_cache(self, path, max_new_tokens: int = 256, questions: Sequence[str] = ()) -> DocumentStats:
         """Answer from a saved .qjl file instead of a prefill: cache, settings and prompt template come from it.
 
-        Checks that the document leaves room for `max_new_tokens`; stats.extra gets the file and the load time."""
+        Checks that the document leaves room for `max_new_tokens` and the longest of `questions` (as
+        load_document does); stats.extra gets the file and the load time."""
         from .store import load_cache
 
         t0 = time.perf_counter()
@@ -260,7 +236,7 @@ class Session:
         self.cache, self.config = cache, cache.config
         self.document_tokens = meta["document_tokens"]
         self.suffix_template = meta["suffix_template"]
-        self.check_fits(self.document_tokens, max_new_tokens)
+        self.check_fits(self.document_tokens, max_new_tokens, self._reserve(questions, max_new_tokens))
         self._start()
         stats = self.stats(0.0)
         stats.extra.update(cache_file=str(path), cache_load_s=round(time.perf_counter() - t0, 4))

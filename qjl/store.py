@@ -31,6 +31,7 @@ from .cache import QJLCache, kv_geometry
 from .cachefile import (FORMAT_NAME, FORMAT_VERSION, CacheFile, check_checksum, check_header, checksum,  # noqa: F401
                         inspect_cache, meta_int, open_file, parse_config, public_meta)
 from .config import QJLConfig
+from .doccache import remove_stale_temps
 from .errors import CacheFileError  # noqa: F401 - re-exported
 # Written in pieces so a huge cache never needs a second copy in a single write call.
 _CHUNK_BYTES = 1 << 20
@@ -124,6 +125,7 @@ def write_cache_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
             raise CacheFileError(f"cannot write {path}: {e.strerror or e}; check the folder and free space") from None
         raise
     _fsync_dir(folder)
+    remove_stale_temps(folder)  # of saves into this folder that were killed (SIGKILL) mid-write
     return path
 
 

@@ -21,12 +21,12 @@ from rich.console import Console
 from qjl.config import QJLConfig
 from qjl.errors import CacheFileError, QJLError
 
-from . import progress, render, seams
+from . import autocache, progress, render, seams
 from .questions import Source, questions_for
 from .repl import interactive
 
 if TYPE_CHECKING:
-    from qjl.session import DocumentStats
+    from qjl.results import DocumentStats
 
     from .seams import LoadedModelLike, SessionLike
 
@@ -95,25 +95,32 @@ def _is(test: Callable[[], bool]) -> bool:
 
 
 def answer_documents(files: list[str], reply: Reply, config: QJLConfig, password: Optional[str],
-                     chunk: Optional[int], truncate: Optional[str]) -> None:
-    """Read the documents (at most the text the context can hold) into a fresh cache, then answer."""
+                     chunk: Optional[int], truncate: Optional[str], use_cache: bool = True) -> None:
+    """Read the documents (at most the text the context can hold) into a fresh cache, or load the automatic
+    cache's entry of exactly this input (qjl_cli/autocache.py), then answer."""
     from qjl.documents import max_chars_for
 
     hint = check_environment(reply)
+    cached = use_cache and autocache.wanted(config)
     text, name = progress.read_documents(files, password, render.stderr_console(),
                                          max_chars_for(hint or DEFAULT_CONTEXT_HINT), truncate)
     given = reply.questions if reply.source is not Source.STDIN else []
 
-    def fill(session: SessionLike, console: Console) -> DocumentStats:
-        return progress.prefill(session, text, reply.max_new_tokens, chunk, console, truncate, given)
-
-    def save(session: SessionLike, path: str) -> Path:
+    def source() -> dict:
         from qjl.store import describe_source
 
         one = files[0] if len(files) == 1 and files[0] != "-" else None
-        return session.save_cache(path, describe_source(Path(name).name if one else name, text, one))
+        return describe_source(Path(name).name if one else name, text, one)
 
-    _answer(name, reply, config, fill, save)
+    def fill(session: SessionLike, console: Console) -> DocumentStats:
+        def prefill() -> DocumentStats:
+            return progress.prefill(session, text, reply.max_new_tokens, chunk, console, truncate, given)
+
+        if not cached:
+            return prefill()
+        return autocache.fill(session, text, reply.max_new_tokens, truncate, given, console, prefill, source)
+
+    _answer(name, reply, config, fill, lambda session, path: session.save_cache(path, source()))
 
 
 def answer_cache(file: str, reply: Reply, kv: Optional[str] = None) -> None:
@@ -136,8 +143,8 @@ def answer_cache(file: str, reply: Reply, kv: Optional[str] = None) -> None:
 
 
 def inspect_cache(file: str) -> dict:
-    """Read and check a cache file without a model (format, version, checksum): raises CacheFileError."""
-    from qjl.store import inspect_cache
+    """Read and check a cache file without a model (format, version, checksum; torch-free): raises CacheFileError."""
+    from qjl.cachefile import inspect_cache
 
     return inspect_cache(file)
 

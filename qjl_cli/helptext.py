@@ -7,7 +7,9 @@ from .errors import EXIT_CODES_HELP
 ENVIRONMENT_HELP = """\
 Environment:
   QJL_MODEL       default model (else the embedded SmolLM2-135M-Instruct)
-  QJL_HOME        where converted models and caches live
+  QJL_HOME        where converted models and cached documents live
+  QJL_CACHE       0: no automatic document cache (as --no-cache everywhere)
+  QJL_CACHE_MAX   the automatic cache's cap, e.g. 500M (default 2G)
   HF_HUB_OFFLINE  1: never use the network for models
   NO_COLOR        no colour on stderr
   QJL_DEBUG       1: print tracebacks"""
@@ -19,6 +21,7 @@ Examples:
   cat notes.md | qjl ask - "Summarise the decisions" --json
   qjl ask minutes.txt budget.pdf page.html -q "Who approved the budget?"
   qjl ask report.pdf --questions questions.txt > answers.jsonl
+  qjl ask report.pdf "When?" --no-cache               (read again; neither use nor store the cache)
   qjl ask long.txt "How does it end?" --truncate tail
   qjl ask secret.pdf "Who signed it?" --password hunter2
   qjl ask report.md "Who signed it?" -m ./SmolLM2-360M.gguf"""
@@ -37,7 +40,9 @@ Examples:
   qjl cache save report.txt -o report.qjl
   qjl ask report.qjl "Who signed it?"
   qjl cache load report.qjl -q "Who signed it?" -q "When?"
-  qjl cache info report.qjl --json"""
+  qjl cache info report.qjl --json
+  qjl cache list                     (the automatic cache: documents asked before)
+  qjl cache prune --max-size 500M; qjl cache clear"""
 
 
 def epilog(*parts: str) -> str:

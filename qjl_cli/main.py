@@ -20,7 +20,7 @@ import typer
 from qjl.config import QJLConfig
 from qjl.documents import max_chars_for
 
-from . import bench, helptext, kernels, options, progress, render, seams
+from . import bench, cachestore, helptext, kernels, options, progress, render, seams
 from .answers import DEFAULT_CONTEXT_HINT, Reply, answer_cache, answer_documents, check_writable, inspect_cache
 from .errors import ExitCode, QJLGroup, handle_sigterm, interrupt_code, interrupted, user_errors
 from .options import KVMode
@@ -79,6 +79,7 @@ def ask(
     as_json: options.Json = False,
     no_stream: options.NoStream = False,
     chat: options.Chat = False,
+    no_cache: options.NoCache = False,
 ) -> None:
     """Answer questions about the documents FILE...; answers go to stdout, progress and timings to stderr."""
     with user_errors():
@@ -94,18 +95,20 @@ def ask(
             raise typer.BadParameter("a .qjl cache file is answered from on its own; give it without other "
                                      "documents", param_hint="'FILE'")
         answer_documents(files, reply, QJLConfig(kv=(kv or KVMode.turbo).value), password, prefill_chunk,
-                         truncate.value if truncate else None)
+                         truncate.value if truncate else None, not no_cache)
 
 
 # --- qjl cache ----------------------------------------------------------------------------------------
 cache_app = typer.Typer(
-    help="Save a document's compressed cache to a .qjl file, inspect one, or answer from one.",
+    help="Save a document's compressed cache to a .qjl file, inspect one, or answer from one; list, prune or clear "
+         "the automatic document cache.",
     epilog=helptext.CACHE,
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(cache_app, name="cache")
+cachestore.register(cache_app)  # list, prune, clear
 
 
 @cache_app.command("save", epilog=helptext.CACHE_SAVE)

@@ -55,6 +55,9 @@ Password = Annotated[Optional[str], typer.Option(
     help="Password of an encrypted PDF (or set QJL_PDF_PASSWORD).")]
 Json = Annotated[bool, json_option()]
 JsonObject = Annotated[bool, json_option("Print one JSON object on stdout.")]
+NoCache = Annotated[bool, typer.Option(
+    "--no-cache", help="Neither use nor store the automatic document cache (under QJL_HOME; QJL_CACHE=0 turns it "
+                       "off everywhere): the document is read again.")]
 NoStream = Annotated[bool, typer.Option(
     "--no-stream", help="Print each answer at the end instead of token by token on a terminal.")]
 Question = Annotated[Optional[list[str]], typer.Option(

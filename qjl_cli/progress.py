@@ -15,7 +15,7 @@ from . import seams
 from .render import say, truncation, warn
 
 if TYPE_CHECKING:
-    from qjl.session import DocumentStats
+    from qjl.results import DocumentStats
 
     from .seams import LoadedModelLike, SessionLike
 
@@ -88,12 +88,14 @@ def prefill(session: SessionLike, text: str, max_new_tokens: int, chunk: Optiona
     return stats
 
 
-def load_cache(session: SessionLike, file: str, max_new_tokens: int, console: Console) -> DocumentStats:
-    """The session answers from the cache file (the session checks the fit and times the load)."""
+def load_cache(session: SessionLike, file: str, max_new_tokens: int, console: Console,
+               questions: Sequence[str] = ()) -> DocumentStats:
+    """The session answers from the cache file (the session checks the fit of the document and of every one of
+    `questions`, and times the load)."""
     if not console.is_terminal:
-        return session.load_cache(file, max_new_tokens)
+        return session.load_cache(file, max_new_tokens, questions)
     with console.status(f"Loading cache {file}", spinner="dots"):
-        return session.load_cache(file, max_new_tokens)
+        return session.load_cache(file, max_new_tokens, questions)
 
 
 class _TokensPerSecond(ProgressColumn):

@@ -15,7 +15,7 @@ from rich.console import Console
 from qjl.config import QJLConfig
 
 if TYPE_CHECKING:
-    from qjl.session import Answer, DocumentStats
+    from qjl.results import Answer, DocumentStats
 
     from .seams import LoadedModelLike, SessionLike
 
@@ -114,8 +114,8 @@ def result(answer: Answer, stats: DocumentStats, loaded: LoadedModelLike, kv: st
 def summary(stats: DocumentStats, answer: Answer, loaded: LoadedModelLike, kv: str) -> str:
     """The dim line after the answers: model, document, cache size and speeds."""
     if "cache_file" in stats.extra:
-        read = (f"{stats.document_tokens:,} document tokens loaded from {stats.extra['cache_file']} "
-                f"in {stats.extra['cache_load_s']:.2f} s")
+        where = "the document cache" if stats.extra.get("cache") == "hit" else stats.extra["cache_file"]
+        read = f"{stats.document_tokens:,} document tokens loaded from {where} in {stats.extra['cache_load_s']:.2f} s"
     else:
         read = (f"{stats.document_tokens:,} document tokens read in {stats.prefill_s:.1f} s "
                 f"({stats.prefill_tokens_per_s:,.0f} tokens/s)")

@@ -19,7 +19,7 @@ from .errors import terminated
 from .render import answer_once, dropped, mb, say, session_info
 
 if TYPE_CHECKING:
-    from qjl.session import DocumentStats
+    from qjl.results import DocumentStats
 
     from .seams import LoadedModelLike, SessionLike
 

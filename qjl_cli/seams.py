@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence, runtim
 from qjl.config import QJLConfig
 
 if TYPE_CHECKING:  # the real classes import torch
-    from qjl.session import Answer, DocumentStats
+    from qjl.results import Answer, DocumentStats
 
 
 @runtime_checkable
@@ -42,7 +42,10 @@ class SessionLike(Protocol):
                       progress: Optional[Callable[[int, int], None]] = None,
                       truncate: Optional[str] = None, questions: Sequence[str] = ()) -> DocumentStats: ...
 
-    def load_cache(self, path, max_new_tokens: int = 256) -> DocumentStats: ...
+    def load_cache(self, path, max_new_tokens: int = 256, questions: Sequence[str] = ()) -> DocumentStats: ...
+
+    def cache_key(self, document: str, max_new_tokens: int = 256, truncate: Optional[str] = None,
+                  questions: Sequence[str] = ()) -> str: ...
 
     def save_cache(self, path, source_info: Optional[dict] = None) -> Path: ...
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The automatic document cache is off unless a test turns it on (monkeypatch.setenv("QJL_CACHE", "1")): the
+# other tests ask the same documents again and expect them read, and share one converted-model home.
+os.environ["QJL_CACHE"] = "0"
 
 
 @pytest.fixture
@@ -73,7 +76,8 @@ class FakeScript:
     pieces: list = field(default_factory=lambda: ["The ", "general ", "manager ", "is ", "Ana ", "Ruiz."])
     context_length: int = 8192
     name: str = "fake-model"
-    fail: dict = field(default_factory=dict)  # stage ("load", "session", "prefill", "ask") -> exception to raise
+    fail: dict = field(default_factory=dict)  # stage ("load", "session", "prefill", "ask", "save_cache",
+    # "load_cache") -> exception to raise
     interrupt_after: int | None = None  # the answer stops (as on Ctrl-C) after this many pieces
     calls: dict = field(default_factory=dict)  # what the CLI passed in, by stage
 
@@ -151,18 +155,32 @@ class FakeSession:
             stats.extra["truncated"] = cut
         return stats
 
+    def cache_key(self, document, max_new_tokens=256, truncate=None, questions=()):
+        """As Session.cache_key: the text, the model, the settings and the cut (words stand for tokens)."""
+        from qjl.cachefile import FORMAT_VERSION
+        from qjl.doccache import document_key
+
+        self.script.calls["cache_key"] = dict(truncate=truncate, questions=list(questions))
+        n, limit = len(document.split()) + self.PROMPT_TOKENS, self._limit(max_new_tokens)
+        cut = f"{truncate}:{limit}" if truncate and n > limit else ""
+        return document_key(document, self.loaded.identity, self.config.to_json(), cut, FORMAT_VERSION)
+
     def save_cache(self, path, source_info=None):
+        """Writes the mode and the token count, atomically as the store does (a temp file renamed into place)."""
         self.script.calls["save_cache"] = dict(path=path, source_info=source_info)
+        self.script.check("save_cache")
         path = Path(path)
-        path.write_text(json.dumps({"kv": self.config.kv, "document_tokens": self.document_tokens}))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.fake.tmp")
+        tmp.write_text(json.dumps({"kv": self.config.kv, "document_tokens": self.document_tokens}))
+        os.replace(tmp, path)
         return path
 
-    def load_cache(self, path, max_new_tokens=256):
+    def load_cache(self, path, max_new_tokens=256, questions=()):
         """Reads what save_cache wrote (the real store.inspect_cache refuses such a file: patch it to get here)."""
         from qjl.config import QJLConfig
         from qjl.errors import CacheFileError, DocumentTooLongError
 
-        self.script.calls["load_cache"] = dict(path=path, max_new_tokens=max_new_tokens)
+        self.script.calls["load_cache"] = dict(path=path, max_new_tokens=max_new_tokens, questions=list(questions))
         self.script.check("load_cache")
         try:
             saved = json.loads(Path(path).read_text())
