@@ -76,6 +76,7 @@ class FakeScript:
     pieces: list = field(default_factory=lambda: ["The ", "general ", "manager ", "is ", "Ana ", "Ruiz."])
     context_length: int = 8192
     name: str = "fake-model"
+    identity: str = "fake"  # the model's identity (a cache file or document-cache entry is for one)
     fail: dict = field(default_factory=dict)  # stage ("load", "session", "prefill", "ask", "save_cache",
     # "load_cache") -> exception to raise
     interrupt_after: int | None = None  # the answer stops (as on Ctrl-C) after this many pieces
@@ -245,7 +246,7 @@ def fake_model(monkeypatch) -> FakeScript:
     def load_model(spec, progress=None):
         script.calls["load"] = dict(spec=spec)
         script.check("load")
-        return FakeLoaded(script.name, script.context_length)
+        return FakeLoaded(script.name, script.context_length, script.identity)
 
     def new_session(loaded, config):
         script.calls["session"] = dict(config=config)

@@ -425,8 +425,11 @@ def test_a_save_killed_mid_write_leaves_the_old_file_intact(saved, tiny, tmp_pat
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     if sig == signal.SIGINT:  # Python unwinds: the temp file is removed
         assert leftovers == [] and child.returncode != 0
-    else:  # SIGKILL cannot be caught: a hidden temp file may remain, never a .qjl
+    else:  # SIGKILL cannot be caught: a hidden temp file may remain, never a .qjl; the next save removes it
         assert all(name.startswith(".doc.qjl.") for name in leftovers)
+        _save(saved[2], tmp_path / "next.qjl")
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
 
 
 # --- the embedded model, end to end --------------------------------------------------------------
