@@ -431,7 +431,6 @@ def test_a_save_killed_mid_write_leaves_the_old_file_intact(saved, tiny, tmp_pat
         assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-
 # --- the embedded model, end to end --------------------------------------------------------------
 @pytest.mark.slow
 def test_session_answers_from_a_saved_file_like_from_the_document(embedded_home, tmp_path):
