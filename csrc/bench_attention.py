@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import qjl.kernels as K
+from qjl.kernel_parity import _time_ms
 from qjl.config import QJLConfig
 from qjl.keys import QJLKeys
 from qjl.turbo import TurboKeys, TurboValues
@@ -46,15 +46,7 @@ def graph_ms(fn, reps: int = 50) -> float:
         run = g.replay
     except Exception:  # noqa: BLE001 - a path that cannot be captured is timed plainly
         run = fn
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return _time_ms(run, reps)
 
 
 def copy_gbps() -> float:

@@ -216,13 +216,13 @@ def _time_ms(fn: Callable, reps: int = 20) -> float:
             ts.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(ts)
     ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+    for _ in range(reps):  # CUDA events around each call
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
+        end.record()
+        end.synchronize()
+        ts.append(start.elapsed_time(end))
     return statistics.median(ts)
 
 
