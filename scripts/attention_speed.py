@@ -3,7 +3,9 @@
     python scripts/attention_speed.py --tokens 4096 --heads 9 --kv-heads 3 --head-dim 64
 
 Random keys and values fill one QJLLayer per setting; the best of --repeats alternating runs of --steps
-calls to attention.compressed_attention is reported in ms. The embedded model has 30 such layers.
+calls to QJLLayer.attend (the mode's fused op) is reported in ms. The embedded model has 30 such layers.
+"turbo, torch code" is the default with the CPU kernels of qjl/native switched off for the op, so the two rows
+compare the kernel with the op's torch implementation in one run.
 """
 
 from __future__ import annotations
@@ -14,15 +16,22 @@ import time
 
 import torch
 
-from qjl.attention import compressed_attention
+from contextlib import nullcontext
+
 from qjl.cache import QJLLayer
 from qjl.config import QJLConfig
+from qjl.ops import turbo_attention
 
 SETTINGS = {
     "qjl": QJLConfig(kv="qjl"),
     "turbo": QJLConfig(),
+    "turbo, torch code": QJLConfig(),
     "turbo, no channels apart": QJLConfig(turbo_outlier_fraction=0.0),
 }
+
+
+def _kernels(name: str):
+    return turbo_attention.set_kernel_enabled("cpu", False) if name.endswith("torch code") else nullcontext()
 
 
 def main() -> int:
@@ -48,11 +57,12 @@ def main() -> int:
     best = {}
     for _ in range(args.repeats):
         for name, layer in layers.items():
-            for _ in range(3):
-                compressed_attention(layer, q, D ** -0.5)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                compressed_attention(layer, q, D ** -0.5)
+            with _kernels(name):
+                for _ in range(3):
+                    layer.attend(q, D ** -0.5)
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    layer.attend(q, D ** -0.5)
             best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t0) / args.steps * 1000)
     print(f"# {T} tokens, {Hq} query heads, {H} KV heads of {D}, {torch.get_num_threads()} threads", file=sys.stderr)
     print("| setting | ms per call |")
