@@ -10,6 +10,8 @@ Environment:
   QJL_HOME        where converted models and cached documents live
   QJL_CACHE       0: no automatic document cache (as --no-cache everywhere)
   QJL_CACHE_MAX   the automatic cache's cap, e.g. 500M (default 2G)
+  QJL_NATIVE      0: no compiled CPU kernels (the torch code runs)
+  QJL_KERNELS     0: no CUDA kernels (the torch code runs on the GPU)
   HF_HUB_OFFLINE  1: never use the network for models
   NO_COLOR        no colour on stderr
   QJL_DEBUG       1: print tracebacks"""
