@@ -109,7 +109,7 @@ def library() -> ctypes.CDLL | None:
                       f"runs instead (slower)", stacklevel=2)
         return None
     lib.qjl_vq_nearest.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_int]
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.qjl_turbo_attention.argtypes = [ctypes.POINTER(TurboArgs), ctypes.c_int]
     lib.qjl_pack_codes.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_int]
@@ -132,8 +132,9 @@ def vq_nearest_cpu(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
             or c > 8 or y.shape[-1] % c):
         return encode_ops.vq_nearest._init_fn(y, codebook)
     y, cb = y.contiguous(), codebook.contiguous()
+    half = (0.5 * (cb * cb).sum(-1)).contiguous()  # as the torch op computes it
     out = torch.empty(*y.shape[:-1], y.shape[-1] // c, dtype=torch.uint8)
-    if lib.qjl_vq_nearest(out.numel(), c, cb.shape[0], _ptr(y), _ptr(cb), _ptr(out), _threads()):
+    if lib.qjl_vq_nearest(out.numel(), c, cb.shape[0], _ptr(y), _ptr(cb), _ptr(half), _ptr(out), _threads()):
         raise RuntimeError("qjl_vq_nearest refused its arguments")
     return out
 

@@ -22,34 +22,33 @@ typedef _Float16 half_t;
 
 static inline float h2f(half_t h) { return (float)h; }
 
-/* --- vq_nearest: argmax_c <g, c> - |c|^2 / 2 over K codewords of dimension C, for n groups ---------- */
-int qjl_vq_nearest(int64_t n, int C, int K, const float *y, const float *codebook, uint8_t *out, int threads) {
+/* --- vq_nearest: argmax_c <g, c> - |c|^2 / 2 over K codewords of dimension C, for n groups -----------
+ * half_norm[k] = |c_k|^2 / 2 comes from the caller (torch computes it, as the torch op does), and each dot
+ * product is summed in coordinate order with fused multiply-adds, as a matmul's inner loop does, so the scores
+ * round as the torch op's do and near-ties pick the same codeword. */
+int qjl_vq_nearest(int64_t n, int C, int K, const float *y, const float *codebook, const float *half_norm,
+                   uint8_t *out, int threads) {
     if (C <= 0 || C > 8 || K <= 0 || K > 256) return 1;
-    float half_norm[256];
-    for (int k = 0; k < K; k++) {
-        float s = 0.f;
-        for (int c = 0; c < C; c++) s += codebook[k * C + c] * codebook[k * C + c];
-        half_norm[k] = 0.5f * s;
-    }
-    /* codebook transposed [C][K] so the K scores of a group vectorise */
-    float *cbt = malloc(sizeof(float) * C * K);
+    float *cbt = malloc(sizeof(float) * C * K); /* transposed [C][K]: the K scores of a group vectorise */
     if (!cbt) return 2;
     for (int k = 0; k < K; k++)
         for (int c = 0; c < C; c++) cbt[c * K + k] = codebook[k * C + c];
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        float score[256];
+        float dot[256];
         const float *g = y + i * C;
-        for (int k = 0; k < K; k++) score[k] = -half_norm[k];
-        for (int c = 0; c < C; c++) {
+        for (int k = 0; k < K; k++) dot[k] = g[0] * cbt[k];
+        for (int c = 1; c < C; c++) {
             const float gc = g[c];
             const float *row = cbt + c * K;
-            for (int k = 0; k < K; k++) score[k] += gc * row[k];
+            for (int k = 0; k < K; k++) dot[k] = fmaf(gc, row[k], dot[k]);
         }
         int best = 0;
-        float top = score[0];
-        for (int k = 1; k < K; k++)
-            if (score[k] > top) { top = score[k]; best = k; }
+        float top = dot[0] - half_norm[0];
+        for (int k = 1; k < K; k++) {
+            const float score = dot[k] - half_norm[k];
+            if (score > top) { top = score; best = k; }
+        }
         out[i] = (uint8_t)best;
     }
     free(cbt);
