@@ -68,6 +68,27 @@ def embedded_home(qjl_home, embedded_model_home, monkeypatch) -> Path:
     return embedded_model_home
 
 
+# --- the CLI in-process ------------------------------------------------------------------------------
+REPORT = "The general manager of the cooperative is Ana Ruiz.\nShe was appointed in 2019.\n"
+
+
+@pytest.fixture
+def doc(tmp_path) -> Path:
+    """A two-line report whose answer the fake model scripts (and the embedded model finds)."""
+    path = tmp_path / "report.txt"
+    path.write_text(REPORT)
+    return path
+
+
+def invoke(*args, **kwargs):
+    """Run `qjl ARGS...` in this process with Typer's CliRunner (stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    from qjl_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
+
+
 # --- a scripted fake model for CLI tests -------------------------------------------------------------
 @dataclass
 class FakeScript:

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import qjl_cli.render as render
 from qjl.config import ConfigError
-from qjl_cli.main import ExitCode, app
+from qjl_cli.main import ExitCode
+from conftest import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "qjl" / "data" / "sample.txt"
@@ -24,7 +24,6 @@ JSON_FIELDS = {"answer", "model", "kv", "document_tokens", "prompt_tokens", "gen
                "fp16_bytes", "bits_per_number", "prefill_s", "prefill_tokens_per_s", "first_token_s",
                "decode_ms_per_token"}
 
-runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
@@ -32,16 +31,6 @@ def _isolated_home(qjl_home):
     """Every CLI test gets its own QJL_HOME; tests of the real model override it with embedded_home."""
     return qjl_home
 
-
-@pytest.fixture
-def doc(tmp_path) -> Path:
-    path = tmp_path / "report.txt"
-    path.write_text("The general manager of the cooperative is Ana Ruiz.\nShe was appointed in 2019.\n")
-    return path
-
-
-def invoke(*args, **kwargs):
-    return runner.invoke(app, [str(a) for a in args], **kwargs)
 
 
 def assert_error(result, code: int, *fragments: str) -> str:

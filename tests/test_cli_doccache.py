@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from qjl.errors import CacheFileError
-from qjl_cli.main import ExitCode, app
+from qjl_cli.main import ExitCode
+from conftest import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 Q = "Who is the general manager?"
@@ -28,16 +28,6 @@ def _cache_on(qjl_home, monkeypatch):
     monkeypatch.delenv("QJL_CACHE_MAX", raising=False)
     return qjl_home
 
-
-@pytest.fixture
-def doc(tmp_path) -> Path:
-    path = tmp_path / "report.txt"
-    path.write_text("The general manager of the cooperative is Ana Ruiz.\nShe was appointed in 2019.\n")
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def ask(fake_model, *args):

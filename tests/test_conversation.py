@@ -11,30 +11,18 @@ from pathlib import Path
 
 import pytest
 from test_cli_terminal import Terminal, _env
-from typer.testing import CliRunner
 
 import qjl_cli.repl as repl
-from qjl_cli.main import app
+from conftest import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "qjl" / "data" / "sample.txt"
-runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
 def _isolated_home(qjl_home):
     return qjl_home
 
-
-@pytest.fixture
-def doc(tmp_path) -> Path:
-    path = tmp_path / "report.txt"
-    path.write_text("The general manager of the cooperative is Ana Ruiz.\nShe was appointed in 2019.\n")
-    return path
-
-
-def invoke(*args, **kwargs):
-    return runner.invoke(app, [str(a) for a in args], **kwargs)
 
 
 def scripted(monkeypatch, lines):

@@ -17,29 +17,18 @@ import zlib
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from qjl_cli.main import ExitCode, app
+from qjl_cli.main import ExitCode
+from conftest import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 QJL = [sys.executable, "-m", "qjl_cli.main"]
-runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
 def _isolated_home(qjl_home):
     return qjl_home
 
-
-@pytest.fixture
-def doc(tmp_path) -> Path:
-    path = tmp_path / "report.txt"
-    path.write_text("The general manager of the cooperative is Ana Ruiz.\nShe was appointed in 2019.\n")
-    return path
-
-
-def invoke(*args, **kwargs):
-    return runner.invoke(app, [str(a) for a in args], **kwargs)
 
 
 def one_error(result, code: int, *fragments: str) -> str:
