@@ -89,6 +89,31 @@ def invoke(*args, **kwargs):
     return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
 
 
+def tiny_cache_file(path: Path, extra: dict | None = None, source: dict | None = None):
+    """A real .qjl file of a tiny random Llama (80 tokens, default settings) at path, plus `extra` tensors;
+    returns the model's config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qjl.attention  # noqa: F401 - registers "qjl"
+    from qjl.cache import QJLCache
+    from qjl.config import QJLConfig
+    from qjl.store import _file_tensors, cache_metadata, write_cache_file
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("qjl")
+    cache = QJLCache(cfg, QJLConfig())
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 80)), past_key_values=cache)
+    cache.freeze_document()
+    meta = cache_metadata(cache, model_name="tiny", identity="tiny", suffix_template="Q: {question}\n", source=source)
+    write_cache_file(path, {**_file_tensors(cache), **(extra or {})}, meta)
+    return cfg
+
+
 # --- a scripted fake model for CLI tests -------------------------------------------------------------
 @dataclass
 class FakeScript:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qjl_cli.main import ExitCode
-from conftest import invoke
+from conftest import invoke, tiny_cache_file
 
 REPO = Path(__file__).resolve().parents[1]
 QJL = [sys.executable, "-m", "qjl_cli.main"]
@@ -225,30 +225,6 @@ def test_document_and_questions_both_from_stdin(tmp_path):
     assert "stdin cannot be both" in proc.stderr
 
 
-def _tiny_cache_file(path: Path, extra: dict | None = None):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import qjl.attention  # noqa: F401 - registers "qjl"
-    from qjl.cache import QJLCache
-    from qjl.config import QJLConfig
-    from qjl.store import _file_tensors, cache_metadata, write_cache_file
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
-    model = LlamaForCausalLM(cfg).eval()
-    model.set_attn_implementation("qjl")
-    cache = QJLCache(cfg, QJLConfig())
-    with torch.no_grad():
-        model(torch.randint(0, 256, (1, 80)), past_key_values=cache)
-    cache.freeze_document()
-    meta = cache_metadata(cache, model_name="tiny", identity="tiny", suffix_template="Q: {question}\n",
-                          source={"name": "d.txt", "size": 1, "sha256": "ab" * 32})
-    write_cache_file(path, {**_file_tensors(cache), **(extra or {})}, meta)
-    return cfg
-
-
 def test_cache_file_sizes_are_checked_before_the_checksum(tmp_path, monkeypatch):
     import torch
 
@@ -256,7 +232,7 @@ def test_cache_file_sizes_are_checked_before_the_checksum(tmp_path, monkeypatch)
     import qjl.store as store
 
     path = tmp_path / "huge.qjl"
-    cfg = _tiny_cache_file(path, {"layers.0.huge": torch.zeros(4 << 20)})  # 16 MB the geometry has no room for
+    cfg = tiny_cache_file(path, {"layers.0.huge": torch.zeros(4 << 20)})  # 16 MB the geometry has no room for
 
     def hashed(*args):
         raise AssertionError("the whole file was hashed before its sizes were checked")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import qjl.kernels as K
+from test_gpu import _model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -146,24 +147,6 @@ def test_sign_bits_odd_sizes():
 
 
 # --- a tiny random Llama: greedy tokens with and without the kernels --------------------------------------------------
-def _model(head_dim, heads, kv_heads, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import qjl.attention  # noqa: F401  (registers attn_implementation "qjl")
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                      max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(3.0)
-            layer.self_attn.k_proj.weight.mul_(3.0)
-    model.set_attn_implementation("qjl")
-    return model.to("cuda", dtype), cfg
-
-
 @torch.no_grad()
 def _greedy(model, cfg, ids, kv, steps=24):
     from qjl.cache import QJLCache
@@ -184,7 +167,8 @@ def _greedy(model, cfg, ids, kv, steps=24):
 @pytest.mark.parametrize("kv", ["turbo", "qjl"])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 8, 2), (128, 6, 2)])
 def test_greedy_tokens_equal_with_and_without_kernels(kv, head_dim, heads, kv_heads, monkeypatch):
-    model, cfg = _model(head_dim, heads, kv_heads, torch.float32)
+    model, cfg = _model(head_dim, heads, kv_heads)  # test_gpu.py's tiny Llama, q/k scaled so keys matter
+    model = model.cuda()
     ids = torch.randint(0, 256, (1, 900), generator=torch.Generator().manual_seed(1)).cuda()
     with_kernels = _greedy(model, cfg, ids, kv)
     monkeypatch.setenv(K.ENV, "0")

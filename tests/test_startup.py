@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_cache_file
+
 REPO = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, sys
@@ -41,26 +43,9 @@ def _probe(commands: list[list[str]], home: Path) -> dict:
 @pytest.fixture(scope="module")
 def cache_file(tmp_path_factory) -> Path:
     """A real .qjl file of a tiny random model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import qjl.attention  # noqa: F401 - registers "qjl"
-    from qjl.cache import QJLCache
-    from qjl.config import QJLConfig
-    from qjl.store import _file_tensors, cache_metadata, write_cache_file
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
-    model = LlamaForCausalLM(cfg).eval()
-    model.set_attn_implementation("qjl")
-    cache = QJLCache(cfg, QJLConfig())
-    with torch.no_grad():
-        model(torch.randint(0, 256, (1, 80)), past_key_values=cache)
-    cache.freeze_document()
     path = tmp_path_factory.mktemp("startup") / "doc.qjl"
-    meta = cache_metadata(cache, model_name="tiny", identity="tiny", suffix_template="Q: {question}\n")
-    return write_cache_file(path, _file_tensors(cache), meta)
+    tiny_cache_file(path)
+    return path
 
 
 def test_commands_without_a_model_import_no_torch(cache_file, tmp_path):
