@@ -105,6 +105,14 @@ class Terminal:
                 return os.waitstatus_to_exitcode(status)
         raise TimeoutError(f"the process did not end; output: {self.text[-2000:]!r}")
 
+    def kill(self) -> None:
+        """Make sure the child is gone (a test that failed midway leaves it waiting at the prompt)."""
+        try:
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
 
 @pytest.mark.slow
 def test_interactive_session_on_a_pseudo_terminal(embedded_home, overview):
@@ -143,11 +151,7 @@ def test_interactive_session_on_a_pseudo_terminal(embedded_home, overview):
                 continue
         assert code is not None, term.text[-2000:]
     finally:
-        try:
-            os.kill(term.pid, 9)
-            os.waitpid(term.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        term.kill()
     assert code == 0, term.text[-2000:]
     assert answered.count("tokens read") == 1  # one prefill for every question
     assert "interrupted" not in term.text and "Traceback" not in term.text

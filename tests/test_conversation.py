@@ -129,13 +129,7 @@ def test_conversation_on_a_pseudo_terminal(embedded_home, tmp_path):
         term.send("/exit\r")
         assert term.wait(timeout=60) == 0
     finally:
-        try:
-            import os
-
-            os.kill(term.pid, 9)
-            os.waitpid(term.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        term.kill()
     history = (embedded_home / "history").read_text()
     assert "When was she appointed?" in history and "Oyelaran" not in history  # questions, not answers
 
