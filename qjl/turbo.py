@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .codebooks import codebook_on, rotation, rotation_on, split_bits, vq4_on
-from .ops import packed_bytes, scalar_quantize, sign_bits, vq_nearest
+from .ops import packed_bytes, scalar_quantize, sign_bits, unpack_codes, vq_nearest
 from .ops.attention import turbo_key_scores, turbo_value_sum, value_index
 from .ops.tables import byte_table
 from .outliers import OutlierChannels
@@ -45,9 +45,8 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
     else:
         packed, parts, a = [], [], 0
         for b, n, c, bounds in zip(bits, lengths, centroids, boundaries):
-            part = y[..., a:a + n].contiguous()
-            parts.append(c[torch.bucketize(part, bounds)])
-            packed.append(scalar_quantize(part, bounds, b))
+            packed.append(scalar_quantize(y[..., a:a + n], bounds, b))
+            parts.append(c[unpack_codes(packed[-1], b).long()])  # the centroids of the codes just made
             a += n
         y_hat = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
     fit = (y_hat * y).sum(-1) / (y_hat * y_hat).sum(-1).clamp_min(1e-30)
