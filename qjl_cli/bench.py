@@ -42,7 +42,7 @@ Examples:
 
 MODES_HELP = """\
 Modes: turbo (qjl's default), qjl (the paper's 1-bit keys), exact (transformers' ordinary cache: the
-reference), quanto-4bit, quanto-2bit, hqq-4bit (transformers' QuantizedCache; pip install 'qjl[peers]'),
+reference), quanto-4bit, quanto-2bit, hqq-4bit (transformers' QuantizedCache; pip install 'qjl\[peers]'),
 hqq-2bit (only when named). A peer that is not installed is a skipped row."""
 
 
