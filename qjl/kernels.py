@@ -35,6 +35,7 @@ from torch import Tensor
 from .errors import QJLError
 from .ops import attention as _attention
 from .ops import encode as _encode
+from .ops import dense
 
 ENV = "QJL_KERNELS"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -54,6 +55,7 @@ _lock = threading.RLock()
 _local = threading.local()
 _state: dict = {"status": "untried", "reason": "", "module": None, "build": None}  # untried|off|loaded|failed
 _warned: set = set()
+LONG_CHUNK_OPS = ("qjl::turbo_attention", "qjl::sketch_attention")  # chunks of >= dense.MIN_ROWS queries
 TORCH_IMPL: dict[str, Callable] = {}  # "qjl::name" -> the op's torch implementation
 
 
@@ -215,6 +217,8 @@ def _dispatch(name: str, args: tuple, check: Callable, launch: Callable):
     """The kernel when it is ready and covers args (check -> None), else the torch op (with one warning)."""
     torch_impl = TORCH_IMPL[name]
     if not _ready():
+        return torch_impl(*args)
+    if name in LONG_CHUNK_OPS and args[0].shape[2] >= dense.MIN_ROWS:  # by design: decoded K/V + SDPA
         return torch_impl(*args)
     reason = check(*args)
     if reason is None:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import dense
 from .codes import pair_index, unpack_codes, unpack_codes_float
 from .scores import lookup_weighted_sum, table_dots
 from .tables import byte_onehot, byte_sign_table, byte_table, pair_onehot
@@ -148,6 +149,13 @@ def turbo_attention(q: Tensor, exact_k: list[Tensor], exact_v: list[Tensor], key
                     value_bits: list[int], value_tables: list[Tensor], value_norms: Tensor,
                     value_rotation: Tensor, scaling: float) -> Tensor:
     """--kv turbo attention for q [B, Hq, L, D]; layouts in docs/ARCHITECTURE.md."""
+    if q.shape[2] >= dense.MIN_ROWS:  # a long chunk: decoded keys and values, one SDPA (qjl/ops/dense.py)
+        k = dense.turbo_keys(key_codes, key_bits, key_centroids, key_norms, key_rotation, channels, rest,
+                             outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
+                             residual_signs, residual_norms, residual_projection, residual_scale)
+        v = dense.turbo_values(value_codes, value_bits, value_tables, value_norms, value_rotation)
+        return dense.sdpa_chunk(q, [k, *exact_k], [v, *exact_v], scaling)
+
     def keys(qf):
         return turbo_key_scores(qf, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels, rest,
                                 outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
@@ -210,6 +218,12 @@ def sketch_attention(q: Tensor, exact_k: list[Tensor], exact_v: list[Tensor], si
                      group_size: int, key_mean: Optional[Tensor], value_codes: Tensor, value_scales: Tensor,
                      value_mins: Tensor, value_bits: int, value_group: int, scaling: float) -> Tensor:
     """--kv qjl attention for q [B, Hq, L, D]; layouts in docs/ARCHITECTURE.md."""
+    if q.shape[2] >= dense.MIN_ROWS:  # a long chunk: decoded keys and values, one SDPA (qjl/ops/dense.py)
+        k = dense.sketch_keys(signs, key_norms, projection, sketch_scale, channels, outlier_values, outlier_scales,
+                              outlier_mins, outlier_index, outlier_bits, group_size, key_mean)
+        v = dense.int_values(value_codes, value_scales, value_mins, value_bits, value_group)
+        return dense.sdpa_chunk(q, [k, *exact_k], [v, *exact_v], scaling)
+
     def keys(qf):
         return sketch_key_scores(qf, signs, key_norms, projection, sketch_scale, channels, outlier_values,
                                  outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean)

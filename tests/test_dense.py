@@ -1,0 +1,88 @@
+"""Long chunks: decoded K/V + one SDPA (qjl/ops/dense.py) against scoring from the codes, for both modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qjl.codecs import make_codecs
+from qjl.config import QJLConfig
+from qjl.ops import dense
+from qjl.ops.attention import sketch_attention, turbo_attention
+
+SETTINGS = {
+    "turbo default": QJLConfig(),
+    "turbo scalar V2": QJLConfig(turbo_value_codebook="scalar"),
+    "turbo K2.5/V2.25": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25),
+    "turbo K4/V3, 8-bit channels apart": QJLConfig(turbo_key_bits=4, turbo_value_bits=3, outlier_bits=8),
+    "turbo residual sketch, no channels": QJLConfig(turbo_residual_ratio=1.0, turbo_outlier_fraction=0.0),
+    "turbo fp16 channels apart": QJLConfig(outlier_bits=16),
+    "qjl default": QJLConfig(kv="qjl"),
+    "qjl outliers per group, centred": QJLConfig(kv="qjl", outlier_scope="group", outlier_bits=16, center_keys=True),
+    "qjl 4-bit values, no outliers": QJLConfig(kv="qjl", value_bits=4, outlier_fraction=0.0),
+}
+OPS = {"turbo": turbo_attention, "qjl": sketch_attention}
+
+
+def _inputs(config: QJLConfig, D: int, H: int, g: int, L: int, groups: int, exact: tuple, seed: int):
+    keys, values = make_codecs(config, 0, D)
+    gen = torch.Generator().manual_seed(seed)
+    T = groups * config.group_size
+    ks = keys.encode(torch.randn(1, H, T, D, generator=gen) * 2, torch.rand(1, H, D, generator=gen))
+    vs = values.encode(torch.randn(1, H, T, D, generator=gen))
+    sizes = [n for n in exact if n] or [L]
+    sizes[-1] = max(sizes[-1], L)  # the queries are the last L exact tokens
+    ek = [torch.randn(1, H, n, D, generator=gen).to(torch.float16 if i == 0 else torch.float32)
+          for i, n in enumerate(sizes)]
+    ev = [torch.randn(1, H, n, D, generator=gen).to(t.dtype) for n, t in zip(sizes, ek)]
+    q = torch.randn(1, H * g, L, D, generator=gen)
+    return q, ek, ev, keys.op_args(ks) | values.op_args(vs)
+
+
+def _both(monkeypatch, op, q, ek, ev, args, scaling):
+    monkeypatch.setattr(dense, "MIN_ROWS", 10 ** 9)
+    tables = op._init_fn(q, ek, ev, scaling=scaling, **args)
+    monkeypatch.setattr(dense, "MIN_ROWS", 1)
+    return tables, op._init_fn(q, ek, ev, scaling=scaling, **args)
+
+
+@pytest.mark.parametrize("label", sorted(SETTINGS))
+@pytest.mark.parametrize("D,H,g,L,groups,exact", [(64, 3, 3, 5, 3, (4, 9)), (128, 2, 4, 7, 2, (0, 7)),
+                                                  (64, 4, 1, 6, 1, (4, 3, 6)), (128, 1, 3, 1, 3, (4, 0, 2))])
+def test_the_dense_path_equals_scoring_from_the_codes(monkeypatch, label, D, H, g, L, groups, exact):
+    """Any GQA ratio (1, 3, 4), head_dim 64/128, a chunk with the causal mask on its own tokens (L = 1 too),
+    sinks/window/tail present or not, every code layout of both modes."""
+    config = SETTINGS[label]
+    q, ek, ev, args = _inputs(config, D, H, g, L, groups, exact, seed=D + g + L)
+    tables, got = _both(monkeypatch, OPS[config.kv], q, ek, ev, args, D ** -0.5)
+    torch.testing.assert_close(got, tables, rtol=1e-4, atol=1e-5)
+
+
+def test_a_chunk_over_nothing_compressed_is_causal_attention(monkeypatch):
+    """The whole document in one pass: no compressed tokens yet; the result is plain causal SDPA."""
+    q, ek, ev, args = _inputs(QJLConfig(), 64, 2, 3, 9, 0, (9,), seed=1)
+    tables, got = _both(monkeypatch, turbo_attention, q, ek, ev, args, 0.125)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, ek[0].float(), ev[0].float(), is_causal=True,
+                                                           scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tables, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_first_query_of_a_chunk_does_not_see_the_rest(monkeypatch):
+    """Changing the chunk's later keys/values leaves its first query's output alone, and changes the last's."""
+    q, ek, ev, args = _inputs(QJLConfig(), 64, 2, 2, 6, 2, (4, 6), seed=2)
+    monkeypatch.setattr(dense, "MIN_ROWS", 1)
+    before = turbo_attention._init_fn(q, ek, ev, scaling=0.125, **args)
+    ek[-1][:, :, 1:] += 3.0
+    ev[-1][:, :, 1:] -= 2.0
+    after = turbo_attention._init_fn(q, ek, ev, scaling=0.125, **args)
+    torch.testing.assert_close(after[:, :, 0], before[:, :, 0])
+    assert not torch.allclose(after[:, :, -1], before[:, :, -1], atol=1e-3)
+
+
+def test_half_precision_returns_the_query_dtype(monkeypatch):
+    q, ek, ev, args = _inputs(QJLConfig(), 64, 2, 2, 5, 2, (4, 5), seed=3)
+    tables, got = _both(monkeypatch, turbo_attention, q.bfloat16(), [t.bfloat16() for t in ek],
+                        [t.bfloat16() for t in ev], args, 0.125)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), tables.float(), rtol=3e-2, atol=3e-2)
