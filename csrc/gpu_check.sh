@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the kernels, run every GPU test, the self-test cases under compute-sanitizer memcheck,
-# `qjl kernels check` and the attention benchmark; logs under $OUT (default ./gpu-check-out).
+# `qjl kernels check`, the attention benchmark and `qjl bench --shape llama-3.1-8b`; logs under $OUT (default ./gpu-check-out).
 #
 #   csrc/gpu_check.sh              # everything (about 10 minutes on an H100, most of it the first build)
 #   csrc/gpu_check.sh tests        # build + GPU tests + sanitizer only
@@ -35,6 +35,10 @@ if [ "$what" = "all" ]; then
   tail -4 "$OUT/check.txt"
   step bench python csrc/bench_attention.py --tokens 4k,16k,32k,64k,128k --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
   cat "$OUT/attention.txt"
+  # the headline: a random-weight Llama-3.1-8B in bf16, whole prefill, decode and peak memory vs exact
+  step model-bench qjl bench --shape llama-3.1-8b --context 4k,16k --modes turbo,qjl,exact --repeat 3 \
+    --json "$OUT/bench-8b.json" > "$OUT/bench-8b.log" 2>&1
+  python scripts/bench_markdown.py "$OUT/bench-8b.json" > "$OUT/bench-8b.md" 2>&1; cat "$OUT/bench-8b.md"
 fi
 echo "gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED); logs in $OUT"
 exit $status
