@@ -35,13 +35,15 @@ def qjl_attention_forward(module, query, key, value, attention_mask, scaling=Non
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if isinstance(key, QJLLayer):
-        layer = key
+        layer, where = key, query.device
+        query = query.to(layer.device)  # a no-op but for a CPU-offloaded layer computed on a GPU: CPU ops then
         if layer.n_compressed == 0:
             k, v = layer.exact_kv(query.dtype)
             out = exact_attention(query, k, v, scaling)
         else:
             out = layer.attend(query, scaling)
         layer.compress_excess(query)
+        out = out.to(where)
     else:
         if attention_mask is not None:
             # A padded batch from outside the CLI: honour the mask transformers built.

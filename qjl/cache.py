@@ -50,9 +50,14 @@ class QJLLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, config: QJLConfig, layer_idx: int, head_dim: int, num_kv_heads: int):
+    def __init__(self, config: QJLConfig, layer_idx: int, head_dim: int, num_kv_heads: int,
+                 home: torch.device | str | None = None):
         super().__init__()
         self.config = config
+        # The device this layer's cache lives on: its weights' device under a device map (a CPU-offloaded layer's
+        # cache stays in CPU memory and its attention runs on the CPU ops; qjl/attention.py moves q there and the
+        # result back); None: wherever its first K/V arrive.
+        self.home = None if home is None else torch.device(home)
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
@@ -71,7 +76,7 @@ class QJLLayer(CacheLayerMixin):
 
     # --- transformers' layer interface ---------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = key_states.dtype, self.home or key_states.device
         # Exact document tokens are kept in 16 bits even for an fp32 model: a 16-bit cache is the baseline.
         self.storage_dtype = torch.float16 if key_states.dtype == torch.float32 else key_states.dtype
         self.key_codec.to(self.device)
@@ -82,6 +87,8 @@ class QJLLayer(CacheLayerMixin):
         """Append new exact K/V ([B, H, L, D]); return this layer twice as the handle attention reads."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.device != self.device:  # a layer that computes on a GPU with its cache in CPU memory
+            key_states, value_states = key_states.to(self.device), value_states.to(self.device)
         if key_states.shape[1] != self.num_kv_heads or key_states.shape[-1] != self.head_dim:
             raise ValueError(f"layer {self.layer_idx}: got K/V of shape {tuple(key_states.shape)}, expected "
                              f"{self.num_kv_heads} heads of {self.head_dim}")
@@ -103,7 +110,7 @@ class QJLLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.config, self.layer_idx, self.head_dim, self.num_kv_heads)
+        self.__init__(self.config, self.layer_idx, self.head_dim, self.num_kv_heads, self.home)
 
     # --- what attention reads -------------------------------------------------------------
     def exact_length(self) -> int:
@@ -240,6 +247,7 @@ class QJLLayer(CacheLayerMixin):
         self.sink_k, self.sink_v = tensors.get("sink_keys"), tensors.get("sink_values")
         self.storage_dtype = self.window_k.dtype
         self.dtype, self.device = dtype or self.storage_dtype, self.window_k.device
+        self.home = self.device
         self.is_initialized = True
         self.freeze()
 
@@ -267,7 +275,9 @@ class QJLLayer(CacheLayerMixin):
 class QJLCache(DocumentSizes, Cache):
     """A transformers Cache whose layers keep K/V compressed; use with attn_implementation="qjl"."""
 
-    def __init__(self, model_config, config: QJLConfig | None = None):
+    def __init__(self, model_config, config: QJLConfig | None = None, devices=None):
+        """devices: each layer's device (its weights' under a device map: qjl/placement.layer_devices); None:
+        wherever each layer's first K/V arrive."""
         config = config or QJLConfig()
         if config.kv not in COMPRESSED_MODES:
             raise ConfigError(f"QJLCache holds --kv qjl or turbo caches, not {config.kv!r}")
@@ -276,7 +286,10 @@ class QJLCache(DocumentSizes, Cache):
             raise ConfigError(f"head_dim {head_dim} is not a multiple of 8")
         self.config = config
         self.head_dim, self.num_kv_heads, self.num_layers = head_dim, n_kv, n_layers
-        super().__init__(layers=[QJLLayer(config, i, head_dim, n_kv) for i in range(n_layers)])
+        devices = list(devices) if devices is not None else [None] * n_layers
+        if len(devices) != n_layers:
+            raise ConfigError(f"{len(devices)} layer devices for a model of {n_layers} layers")
+        super().__init__(layers=[QJLLayer(config, i, head_dim, n_kv, devices[i]) for i in range(n_layers)])
 
     # --- document segment and tail ---------------------------------------------------------
     def freeze_document(self) -> None:
@@ -304,6 +317,7 @@ class QJLCache(DocumentSizes, Cache):
         return {f"{name}s.{seed}": t for layer in self.layers for name, (seed, t) in layer.shared_matrices().items()}
 
 
-def make_cache(model_config, config: QJLConfig):
-    """A fresh cache for config.kv: ExactCache for "exact", else a QJLCache."""
-    return ExactCache(model_config, config) if config.kv == "exact" else QJLCache(model_config, config)
+def make_cache(model_config, config: QJLConfig, devices=None):
+    """A fresh cache for config.kv: ExactCache for "exact" (its layers stay where their K/V are computed), else a
+    QJLCache whose layer i lives on devices[i]."""
+    return ExactCache(model_config, config) if config.kv == "exact" else QJLCache(model_config, config, devices)

@@ -22,7 +22,8 @@ from .config import QJLConfig
 from .errors import CacheFileError
 
 FORMAT_NAME = "qjl-cache"
-FORMAT_VERSION = "3"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook
+FORMAT_VERSION = "4"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook;
+# 4: the model identity includes its dtype and revision (model_dtype, model_revision in the metadata)
 COMPRESSED_MODES = ("qjl", "turbo")  # = qjl.cache.COMPRESSED_MODES (tests/test_store.py holds them equal)
 # safetensors dtype codes -> (the dtype as str(torch.dtype) names it, bytes per element)
 DTYPES = {

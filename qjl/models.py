@@ -43,11 +43,36 @@ class LoadedModel:
     model: object  # a transformers PreTrainedModel in eval mode, attn_implementation="qjl"
     tokenizer: object
     name: str  # what the user asked for, resolved (e.g. "SmolLM2-135M-Instruct (embedded)")
-    identity: str  # hash of what shapes the cache: config fields and tokenizer vocabulary
+    identity: str  # hash of what shapes the cache: config fields, tokenizer vocabulary, dtype and revision
+    revision: str = ""  # the hub commit, or a fingerprint of a local folder's weight files (model_revision)
 
     @property
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def layer_devices(self) -> list[torch.device]:
+        """The device of each decoder layer's weights (and of its cache): qjl/placement.py."""
+        from .placement import layer_devices
+
+        return layer_devices(self.model)
+
+    @property
+    def input_device(self) -> torch.device:
+        from .placement import input_device
+
+        return input_device(self.model)
+
+    @property
+    def placement(self) -> dict[str, int]:
+        """{device: decoder layers on it}: what /info and --json report."""
+        from .placement import layer_counts
+
+        return layer_counts(self.layer_devices)
 
 
 def qjl_home() -> Path:
@@ -209,12 +234,29 @@ def resolve_model(spec: str | None, progress: Callable[[str], None] | None = Non
     raise ModelError(f"unknown model {spec!r}: give a Hugging Face id (org/name), a model folder or a .gguf file")
 
 
-def model_identity(config, tokenizer) -> str:
-    """A hash of everything that shapes a cache: attention geometry, RoPE, and the tokenizer's vocabulary."""
+def model_revision(config, source: str) -> str:
+    """Which weights: the hub commit a config was read at, else (a local folder) a hash of its weight files'
+    names and sizes, so a copy of the folder keeps its revision and other weights of the same shape rarely do."""
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    folder = Path(source)
+    if not folder.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return "local-" + h.hexdigest()[:16]
+
+
+def model_identity(config, tokenizer, dtype=None, revision: str = "") -> str:
+    """A hash of everything that shapes a cache: attention geometry, RoPE, the tokenizer's vocabulary, the model's
+    dtype (a bfloat16 cache is for a bfloat16 model) and its revision (which weights)."""
     fields = {k: getattr(config, k, None) for k in (
         "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
         "hidden_size", "max_position_embeddings", "rope_theta", "rope_scaling", "vocab_size")}
     fields["rope_parameters"] = getattr(config, "rope_parameters", None)
+    fields["dtype"], fields["revision"] = str(dtype).removeprefix("torch.") if dtype else None, revision
     h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     vocab = tokenizer.get_vocab()
     for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
@@ -223,35 +265,59 @@ def model_identity(config, tokenizer) -> str:
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | None = None,
-               progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load a causal LM ready for the "qjl" attention (which also serves exact caches)."""
+               progress: Callable[[str], None] | None = None, placement=None, fit=None) -> LoadedModel:
+    """Load a causal LM ready for the "qjl" attention (which also serves exact caches).
+
+    placement (qjl.placement.Placement): one device, or accelerate's device map over --max-memory; `device` is
+    the short form of Placement(device). fit: (document text or token count, kv mode): with --max-memory, the
+    weights and that document's cache are checked against it before any weight is read (a ModelError)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from . import attention  # noqa: F401 - registers attn_implementation="qjl"
+    from .placement import Placement, check_devices, uses_gpu
 
+    placement = placement or Placement(device=None if device in (None, "auto") else device,
+                                       device_map="auto" if device == "auto" else None)
+    check_devices(placement)
     name, source = resolve_model(spec, progress)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        dtype = torch.bfloat16 if uses_gpu(placement) else torch.float32
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
+        tokenizer, model = _load(name, source, dtype, placement, fit)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not placement.split:
+        model.to(placement.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    revision = model_revision(model.config, source)
+    return LoadedModel(model, tokenizer, name, model_identity(model.config, tokenizer, dtype, revision), revision)
+
+
+def _load(name: str, source: str, dtype, placement, fit) -> tuple[object, object]:
+    """(tokenizer, model): the fit checked against --max-memory first, then the weights placed by accelerate."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import attention
+    from .placement import check_fit, from_pretrained_kwargs
+
+    try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        kwargs = dict(dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION)
-        if device == "auto":
-            kwargs["device_map"] = "auto"
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if fit is not None and placement.max_memory:
+            text, kv = fit
+            tokens = len(tokenizer(text)["input_ids"]) if isinstance(text, str) else int(text)
+            check_fit(AutoConfig.from_pretrained(source), dtype, tokens, kv, placement, name)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs(placement),
+                                                     attn_implementation=attention.ATTN_IMPLEMENTATION)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {name!r}: {first}") from None
-    except (ValueError, KeyError) as e:
-        raise ModelError(f"cannot load model {name!r}: {e}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if device != "auto":
-        model.to(device)
-    model.eval()
-    return LoadedModel(model, tokenizer, name, model_identity(model.config, tokenizer))
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+        if isinstance(e, ModelError):
+            raise
+        how = f" with --device-map {placement.device_map}" if placement.split else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {name!r}{how}: {first}") from None
+    return tokenizer, model

@@ -70,14 +70,14 @@ class Session:
         self.document_tokens = 0
         self.suffix_template = ""
         self.stop_ids = _stop_ids(loaded)
-        self.device = next(self.model.parameters()).device
+        self.device = loaded.input_device  # the embedding's: under a device map, accelerate moves ids on
         self.remember = False  # True: a conversation, each answer sees the kept turns
         self.conversation: Conversation | None = None
         self._tail: list[int] | None = []  # the ids the cache's tail holds; None: unknown (an interrupted step)
 
     # --- document ------------------------------------------------------------------------
     def new_cache(self):
-        return make_cache(self.model.config, self.config)
+        return make_cache(self.model.config, self.config, self.loaded.layer_devices)
 
     def tokenize_document(self, document: str) -> list[int]:
         prefix, self.suffix_template = split_prompt(self.tokenizer, document)
@@ -213,7 +213,7 @@ class Session:
         limit = self.limit(max_new_tokens, self._reserve(questions, max_new_tokens))
         cut = {"truncate": truncate, "limit": limit} if truncate and n > limit else {}
         shape = json.dumps({**cut, "prompt": "".join(split_prompt(self.tokenizer, ""))}, sort_keys=True)
-        model = f"{self.loaded.identity}:{next(self.model.parameters()).dtype}:{self.device.type}"
+        model = f"{self.loaded.identity}:{self.loaded.dtype}:{self.loaded.placement}"
         return document_key(document, model, self.config.to_json(), shape, FORMAT_VERSION)
 
     def save_cache(self, path, source_info: dict | None = None):
@@ -221,7 +221,8 @@ class Session:
         from .store import save_cache
 
         return save_cache(path, self.cache, model_name=self.loaded.name, identity=self.loaded.identity,
-                          suffix_template=self.suffix_template, source=source_info)
+                          suffix_template=self.suffix_template, source=source_info, dtype=str(self.loaded.dtype),
+                          revision=self.loaded.revision)
 
     def load_cache(self, path, max_new_tokens: int = 256, questions: Sequence[str] = ()) -> DocumentStats:
         """Answer from a saved .qjl file instead of a prefill: cache, settings and prompt template come from it.
@@ -232,7 +233,7 @@ class Session:
 
         t0 = time.perf_counter()
         self.check_max_new_tokens(max_new_tokens)
-        cache, meta = load_cache(path, self.loaded, device=self.device)
+        cache, meta = load_cache(path, self.loaded)  # each layer's tensors on its layer's device
         self.cache, self.config = cache, cache.config
         self.document_tokens = meta["document_tokens"]
         self.suffix_template = meta["suffix_template"]

@@ -49,27 +49,54 @@ def describe_source(name: str, text: str, path: str | os.PathLike | None = None)
     return {"name": str(name), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the metadata (without the checksum) and every tensor's name, dtype, shape and bytes, by name."""
-    return checksum(metadata, ((name, str(t.dtype), list(t.shape), _raw(t)) for name, t in tensors.items()))
-
-
 def _raw(t: torch.Tensor):
-    """A tensor's bytes for hashing, without a copy of a mapped file."""
+    """A tensor's bytes, brought to the CPU alone (a mapped file's are not copied): what is hashed and written."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy() if t.numel() else b""
 
 
+def _checksum(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """cachefile.checksum's sha256 (metadata without the checksum, then each name, dtype, shape and bytes in name
+    order), computed one tensor at a time so that a cache spread over devices is never gathered in one place."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
+        h.update(_raw(t))
+    return h.hexdigest()
+
+
 def _file_tensors(cache: QJLCache) -> dict[str, torch.Tensor]:
-    """Every tensor a file stores, by file name (`layers.{i}.{name}`, and each shared matrix once), on the CPU."""
+    """Every tensor a file stores, by file name (`layers.{i}.{name}`, and each shared matrix once), where it lives
+    (each layer's on its own device): no copy is made here."""
     out = {f"layers.{layer.layer_idx}.{name}": t for layer in cache.layers
            for name, t in layer.document_tensors().items()}
     out.update(cache.shared_matrices())
-    return {name: t.detach().cpu().contiguous().clone() for name, t in out.items()}
+    return out
+
+
+def _header(tensors: dict[str, torch.Tensor], metadata: dict) -> tuple[bytes, list[str]]:
+    """(the safetensors header, padded to 8 bytes as safetensors pads it; the order of the data): the data ordered
+    as safetensors orders it (wider dtypes first, then by name), so every tensor starts aligned to its dtype."""
+    from .cachefile import DTYPES
+
+    codes = {torch_name: code for code, (torch_name, _) in DTYPES.items()}
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict = {"__metadata__": metadata}
+    at = 0
+    for name in order:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": codes[str(t.dtype)], "shape": list(t.shape), "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw, order
 
 
 # --- save ------------------------------------------------------------------------------------------
 def cache_metadata(cache: QJLCache, *, model_name: str, identity: str, suffix_template: str,
-                   source: dict | None = None) -> dict:
+                   source: dict | None = None, dtype: str = "", revision: str = "") -> dict:
     if not isinstance(cache, QJLCache):
         raise CacheFileError("only a compressed cache (--kv qjl or turbo) can be saved to a cache file")
     if not all(layer.frozen for layer in cache.layers):
@@ -81,6 +108,8 @@ def cache_metadata(cache: QJLCache, *, model_name: str, identity: str, suffix_te
         "config": cache.config.to_json(),
         "model_name": str(model_name),
         "model_identity": str(identity),
+        "model_dtype": str(dtype).removeprefix("torch."),
+        "model_revision": str(revision),
         "num_layers": str(cache.num_layers),
         "num_kv_heads": str(cache.num_kv_heads),
         "head_dim": str(cache.head_dim),
@@ -95,13 +124,12 @@ def cache_metadata(cache: QJLCache, *, model_name: str, identity: str, suffix_te
 
 
 def write_cache_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """Write tensors + metadata (with its checksum) atomically: temp file in the same folder, fsync, rename."""
-    from safetensors.torch import save
-
+    """Write tensors (on any devices) + metadata (with its checksum) as one safetensors file, atomically: a temp file
+    in the same folder, written tensor by tensor, fsync, rename."""
     path = Path(path)
     metadata = dict(metadata)
     metadata["checksum"] = _checksum(metadata, tensors)
-    data = save(tensors, metadata=metadata)
+    head, order = _header(tensors, metadata)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
@@ -109,9 +137,11 @@ def write_cache_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         raise CacheFileError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            view = memoryview(data)
-            for start in range(0, len(view), _CHUNK_BYTES):
-                f.write(view[start:start + _CHUNK_BYTES])
+            f.write(head)
+            for name in order:  # one tensor at a time off its device: no copy of the whole cache anywhere
+                view = memoryview(_raw(tensors[name])).cast("B")
+                for start in range(0, len(view), _CHUNK_BYTES):
+                    f.write(view[start:start + _CHUNK_BYTES])
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -143,10 +173,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_cache(path: str | os.PathLike, cache: QJLCache, *, model_name: str, identity: str, suffix_template: str,
-               source: dict | None = None) -> Path:
+               source: dict | None = None, dtype: str = "", revision: str = "") -> Path:
     """Save the document segment of a frozen QJLCache to `path`, with what a later load checks it against."""
     meta = cache_metadata(cache, model_name=model_name, identity=identity, suffix_template=suffix_template,
-                          source=source)
+                          source=source, dtype=dtype, revision=revision)
     return write_cache_file(path, _file_tensors(cache), meta)
 
 
@@ -217,17 +247,28 @@ def _check_tensors(tensors: dict, expected: dict, indices: dict[str, bool], head
                                      f"corrupted, save the document again")
 
 
+def _who(meta: dict) -> str:
+    """'bfloat16, revision abc123, ' from a file's metadata (or a model's): what tells two models apart."""
+    parts = [meta.get("model_dtype") or "", f"revision {meta['model_revision'][:12]}" if meta.get("model_revision")
+             else ""]
+    return "".join(f"{p}, " for p in parts if p)
+
+
 def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_name: str = "this model",
-                    device: str | torch.device | None = None, dtype: torch.dtype | None = None
-                    ) -> tuple[QJLCache, dict]:
-    """Validate a cache file against a model and rebuild its frozen QJLCache -> (cache, metadata)."""
+                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    devices=None, revision: str = "") -> tuple[QJLCache, dict]:
+    """Validate a cache file against a model and rebuild its frozen QJLCache -> (cache, metadata).
+
+    Layer i's tensors go to devices[i] (each straight from the file's memory map), else all to `device` (CPU)."""
+    model = {"model_dtype": str(dtype).removeprefix("torch.") if dtype else "", "model_revision": revision}
     path = Path(path)
     meta, tensors, f = _open(path)
     check_header(meta, path)
     if meta.get("model_identity") != identity:
-        raise CacheFileError(f"{path} was made by model {meta.get('model_name', '?')!r} (identity "
-                             f"{str(meta.get('model_identity'))[:12]}), not {model_name} ({identity[:12]}); "
-                             f"load it with that model (--model) or save the document again with this one")
+        raise CacheFileError(f"{path} was made by model {meta.get('model_name', '?')!r} ({_who(meta)}identity "
+                             f"{str(meta.get('model_identity'))[:12]}), not {model_name} ({_who(model)}identity "
+                             f"{identity[:12]}); load it with that model (--model) and dtype, or save the document "
+                             f"again with this one")
     config = parse_config(meta, path)
     n_layers, n_kv, head_dim = kv_geometry(model_config)
     for key, want in (("num_layers", n_layers), ("num_kv_heads", n_kv), ("head_dim", head_dim)):
@@ -247,13 +288,7 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
     _check_tensors(tensors, expected, cache.layers[0].channel_indices(), head_dim, path)
     check_checksum(f)  # after the sizes: a header declaring huge tensors is refused unread
 
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    shared = {name: tensors[name].to(device) for name in cache.shared_matrices()}
-    for i, layer in enumerate(cache.layers):
-        prefix = f"layers.{i}."
-        own = {name[len(prefix):]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
-        layer.load_tensors(own, {n: shared[f"{n}s.{seed}"] for n, (seed, _) in layer.shared_matrices().items()},
-                           dtype)
+    _fill(cache, tensors, _devices(devices, device, n_layers), dtype)
     info = public_meta(meta, path)
     try:
         info["suffix_template"].format(question="?")
@@ -263,9 +298,34 @@ def read_cache_file(path: str | os.PathLike, model_config, identity: str, model_
     return cache, info
 
 
+def _devices(devices, device, n_layers: int) -> list[torch.device]:
+    if devices is not None:
+        return [torch.device(d) for d in devices]
+    return [torch.device(device) if device is not None else torch.device("cpu")] * n_layers
+
+
+def _fill(cache: QJLCache, tensors: dict, devices: list[torch.device], dtype: torch.dtype | None) -> None:
+    """Each layer's tensors to its device (a CPU layer keeps the map's views), the shared matrices once a device."""
+    shared: dict[tuple[str, torch.device], torch.Tensor] = {}
+    names = list(cache.shared_matrices())
+    for i, layer in enumerate(cache.layers):
+        device, prefix = devices[i], f"layers.{i}."
+        for name in names:
+            if (name, device) not in shared:
+                shared[name, device] = tensors[name].to(device)
+        own = {name[len(prefix):]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
+        layer.load_tensors(own, {n: shared[f"{n}s.{seed}", device] for n, (seed, _) in
+                                 layer.shared_matrices().items()}, dtype)
+
+
 def load_cache(path: str | os.PathLike, loaded_model, device: str | torch.device | None = None
                ) -> tuple[QJLCache, dict]:
-    """Load a cache file for `loaded_model` (a qjl.models.LoadedModel) -> (frozen QJLCache, metadata)."""
+    """Load a cache file for `loaded_model` (a qjl.models.LoadedModel) -> (frozen QJLCache, metadata): each
+    layer's tensors on that layer's device (qjl/placement.layer_devices), unless `device` names one for all."""
+    from .placement import layer_devices
+
     param = next(loaded_model.model.parameters())
+    devices = layer_devices(loaded_model.model) if device is None else None
     return read_cache_file(path, loaded_model.model.config, loaded_model.identity, loaded_model.name,
-                           device=device if device is not None else param.device, dtype=param.dtype)
+                           device=device, dtype=param.dtype, devices=devices,
+                           revision=getattr(loaded_model, "revision", ""))
