@@ -42,6 +42,7 @@ class Reply:
     as_json: bool  # one JSON object per question (always for --questions FILE)
     no_stream: bool
     chat: bool = False  # the questions are a conversation (always in an interactive session)
+    placement: object = None  # qjl.placement.Placement: one device or accelerate's device map (None: the default)
 
 
 # The context assumed when the model's cannot be read without loading it: the text read is bounded by it.
@@ -120,7 +121,7 @@ def answer_documents(files: list[str], reply: Reply, config: QJLConfig, password
             return prefill()
         return autocache.fill(session, text, reply.max_new_tokens, truncate, given, console, prefill, source)
 
-    _answer(name, reply, config, fill, lambda session, path: session.save_cache(path, source()))
+    _answer(name, reply, config, fill, lambda session, path: session.save_cache(path, source()), (text, config.kv))
 
 
 def answer_cache(file: str, reply: Reply, kv: Optional[str] = None) -> None:
@@ -139,7 +140,7 @@ def answer_cache(file: str, reply: Reply, kv: Optional[str] = None) -> None:
     def save(session: SessionLike, path: str) -> Path:
         return session.save_cache(path, info.get("source"))
 
-    _answer(file, reply, QJLConfig(), fill, save)
+    _answer(file, reply, QJLConfig(), fill, save, (info.get("document_tokens", 0), mode or "turbo"))
 
 
 def inspect_cache(file: str) -> dict:
@@ -150,10 +151,11 @@ def inspect_cache(file: str) -> dict:
 
 
 def _answer(name: str, reply: Reply, config: QJLConfig, fill: Callable[[SessionLike, Console], DocumentStats],
-            save: Callable[[SessionLike, str], Path]) -> None:
+            save: Callable[[SessionLike, str], Path], fit: Optional[tuple] = None) -> None:
+    """fit: (document text or tokens, kv mode): what must fit --max-memory with the model (checked before loading)."""
     console = render.stderr_console()
     questions = questions_for(reply.source, reply.questions)
-    loaded = progress.load_model(reply.model, console)
+    loaded = progress.load_model(reply.model, console, reply.placement, fit)
     session = seams.new_session(loaded, config)
     stats = fill(session, console)
     kv = session.config.kv  # a cache file's own mode

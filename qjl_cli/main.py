@@ -19,6 +19,7 @@ import typer
 
 from qjl.config import QJLConfig
 from qjl.documents import max_chars_for
+from qjl.placement import make_placement
 
 from . import bench, cachestore, helptext, kernels, options, progress, render, seams
 from .answers import DEFAULT_CONTEXT_HINT, Reply, answer_cache, answer_documents, check_writable, inspect_cache
@@ -80,11 +81,15 @@ def ask(
     no_stream: options.NoStream = False,
     chat: options.Chat = False,
     no_cache: options.NoCache = False,
+    device: options.Device = None,
+    device_map: options.DeviceMap = None,
+    max_memory: options.MaxMemory = None,
 ) -> None:
     """Answer questions about the documents FILE...; answers go to stdout, progress and timings to stderr."""
     with user_errors():
         files, questions, source = plan_questions(list(args or []), list(question_opt or []), questions_file)
-        reply = Reply(questions, source, model, max_new_tokens, as_json, no_stream, chat)
+        reply = Reply(questions, source, model, max_new_tokens, as_json, no_stream, chat,
+                      make_placement(device, device_map, max_memory))
         if len(files) == 1 and is_cache_file(files[0]):
             if kv is KVMode.exact:
                 raise typer.BadParameter("a .qjl file holds a compressed cache; leave out --kv exact",
@@ -119,9 +124,13 @@ def cache_save(
     prefill_chunk: options.PrefillChunk = None,
     password: options.Password = None,
     kv: options.KV = KVMode.turbo,
+    device: options.Device = None,
+    device_map: options.DeviceMap = None,
+    max_memory: options.MaxMemory = None,
 ) -> None:
     """Read the document FILE once and save its compressed cache to FILE.qjl; progress and sizes on stderr."""
     with user_errors():
+        placement = make_placement(device, device_map, max_memory)
         if not output.lower().endswith(".qjl"):
             raise typer.BadParameter("end the file name with .qjl, so `qjl ask` knows it is a cache",
                                      param_hint="'--output'")
@@ -131,7 +140,7 @@ def cache_save(
         console = render.stderr_console()
         text, name = progress.read_documents([file], password, console, max_chars_for(
             seams.context_hint(model) or DEFAULT_CONTEXT_HINT))
-        loaded = progress.load_model(model, console)
+        loaded = progress.load_model(model, console, placement, (text, kv.value))
         session = seams.new_session(loaded, QJLConfig(kv=kv.value))
         stats = progress.prefill(session, text, 256, prefill_chunk, console)
         from qjl.store import describe_source
@@ -157,14 +166,16 @@ def cache_info(
 def cache_load(
     file: options.CacheFile, question: options.Question = None, chat: options.Chat = False,
     max_new_tokens: options.MaxNewTokens = 256, model: options.Model = None,
-    no_stream: options.NoStream = False, as_json: options.Json = False,
+    no_stream: options.NoStream = False, as_json: options.Json = False, device: options.Device = None,
+    device_map: options.DeviceMap = None, max_memory: options.MaxMemory = None,
 ) -> None:
     """Answer questions from the saved cache FILE (no reading of the document), one answer after another.
 
     Without -q: an interactive session on a terminal (a conversation), else one question per line on stdin."""
     with user_errors():
         questions, source = plan_cache_questions(list(question or []))
-        answer_cache(file, Reply(questions, source, model, max_new_tokens, as_json, no_stream, chat))
+        answer_cache(file, Reply(questions, source, model, max_new_tokens, as_json, no_stream, chat,
+                                 make_placement(device, device_map, max_memory)))
 
 
 # --- commands from other modules: each adds itself with `module.register(app)` (a typer.Typer) ----------

@@ -20,16 +20,19 @@ if TYPE_CHECKING:
     from .seams import LoadedModelLike, SessionLike
 
 
-def load_model(spec: Optional[str], console: Console) -> LoadedModelLike:
+def load_model(spec: Optional[str], console: Console, placement=None, fit=None) -> LoadedModelLike:
+    """The model, placed as `placement` says (qjl.placement.Placement); `fit`: what must fit --max-memory."""
     if not console.is_terminal:
         # No bars off a terminal; a first conversion of a GGUF file still says why it takes half a minute.
-        return seams.load_model(spec, progress=lambda message: say(console, f"qjl: {message}"))
+        return seams.load_model(spec, progress=lambda message: say(console, f"qjl: {message}"), placement=placement,
+                                fit=fit)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         what = spec or os.environ.get("QJL_MODEL")
         task = bar.add_task(f"Loading model {what}" if what else "Loading the embedded model", total=None)
         t0 = time.perf_counter()
-        loaded = seams.load_model(spec, progress=lambda message: bar.update(task, description=message))
+        loaded = seams.load_model(spec, progress=lambda message: bar.update(task, description=message),
+                                  placement=placement, fit=fit)
     say(console, f"Loaded {loaded.name} in {time.perf_counter() - t0:.1f} s", style="dim")
     return loaded
 

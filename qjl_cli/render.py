@@ -107,6 +107,7 @@ def result(answer: Answer, stats: DocumentStats, loaded: LoadedModelLike, kv: st
         "first_token_s": round(answer.first_token_s, 4),
         "decode_ms_per_token": round(answer.decode_ms_per_token, 3),
         "stopped": answer.stopped,
+        "layers": dict(loaded.placement),  # {device: decoder layers on it}
         **stats.extra,
     }
 
@@ -132,7 +133,13 @@ def session_info(stats: DocumentStats, loaded: LoadedModelLike, kv: str, name: s
             f"KV cache {stats.kv_bytes:,} bytes ({mb(stats.kv_bytes)}), "
             f"{stats.kv_bits_per_number:.2f} bits/number (16-bit: {mb(stats.fp16_bytes)}); "
             f"{asked} questions answered; conversation: {len(session.history())} turns kept, "
-            f"{session.tail_tokens():,} tokens after the document (context {loaded.context_length:,})")
+            f"{session.tail_tokens():,} tokens after the document (context {loaded.context_length:,}); "
+            f"layers: {layers(loaded.placement)}")
+
+
+def layers(placement: dict[str, int]) -> str:
+    """'cuda:0 16, cpu 16': where the decoder layers are, device by device."""
+    return ", ".join(f"{device} {n}" for device, n in placement.items())
 
 
 def dropped(answer: Answer) -> Optional[str]:

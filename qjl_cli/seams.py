@@ -30,6 +30,9 @@ class LoadedModelLike(Protocol):
     @property
     def identity(self) -> str: ...
 
+    @property
+    def placement(self) -> dict[str, int]: ...  # {device: decoder layers on it}
+
 
 @runtime_checkable
 class SessionLike(Protocol):
@@ -66,8 +69,10 @@ def context_hint(spec: Optional[str]) -> Optional[int]:
     return _hint(spec)
 
 
-def load_model(spec: Optional[str], progress: Optional[Callable[[str], None]] = None) -> LoadedModelLike:
-    """Load the model (imports torch/transformers only now)."""
+def load_model(spec: Optional[str], progress: Optional[Callable[[str], None]] = None, placement=None,
+               fit=None) -> LoadedModelLike:
+    """Load the model (imports torch/transformers only now). placement: qjl.placement.Placement (one device or
+    accelerate's device map); fit: (document text or tokens, kv mode), checked against --max-memory first."""
     # transformers' and the hub's own tqdm bars ("Loading weights", "Converting and de-quantizing GGUF tensors",
     # downloads) would print on stderr even off a terminal and fight the Rich spinner on one, which shows the
     # elapsed time instead. The GGUF bar uses tqdm directly, so only tqdm's TQDM_DISABLE (read when tqdm is
@@ -78,7 +83,7 @@ def load_model(spec: Optional[str], progress: Optional[Callable[[str], None]] = 
     from qjl.models import load_model as _load_model
 
     hf_logging.disable_progress_bar()
-    return _load_model(spec, progress=progress)
+    return _load_model(spec, progress=progress, placement=placement, fit=fit)
 
 
 def new_session(loaded: LoadedModelLike, config: QJLConfig) -> SessionLike:

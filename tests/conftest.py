@@ -140,6 +140,7 @@ class FakeLoaded:
     name: str
     context_length: int
     identity: str = "fake"
+    placement: dict = field(default_factory=lambda: {"cpu": 30})  # {device: decoder layers on it}
 
 
 class FakeSession:
@@ -289,8 +290,9 @@ def fake_model(monkeypatch) -> FakeScript:
 
     script = FakeScript()
 
-    def load_model(spec, progress=None):
+    def load_model(spec, progress=None, placement=None, fit=None):
         script.calls["load"] = dict(spec=spec)
+        script.calls["placement"], script.calls["fit"] = placement, fit
         script.check("load")
         return FakeLoaded(script.name, script.context_length, script.identity)
 
