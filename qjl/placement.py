@@ -108,7 +108,10 @@ def make_placement(device: str | None = None, device_map: str | None = None,
         if device_map is not None:
             raise ConfigError("give either --device (one device) or --device-map/--max-memory (layers placed by "
                               "accelerate), not both")
-    return Placement(device, device_map, memory)
+    placement = Placement(device, device_map, memory)
+    if (device or "").startswith("cuda") or any(isinstance(k, int) for k in memory or {}):
+        check_devices(placement)  # imports torch: only when a GPU is named
+    return placement
 
 
 # --- with torch: the devices, and where the layers went ----------------------------------------------------------
@@ -223,9 +226,7 @@ def dispatch(model, placement: Placement):
     if "disk" in device_map.values():
         raise ModelError(f"the model does not fit the memory named ({placement.describe_memory()}) even with CPU "
                          f"offload; name more memory")
-    model = dispatch_model(model, device_map=device_map)
-    model.hf_device_map = device_map
-    return model
+    return dispatch_model(model, device_map=device_map)  # sets model.hf_device_map
 
 
 # --- will it fit? ------------------------------------------------------------------------------------------------
