@@ -86,13 +86,14 @@ Document = Annotated[str, typer.Argument(
     show_default=False, help="Document to read: a .txt, .md, .html or .pdf file, or - for stdin.")]
 CacheFile = Annotated[str, typer.Argument(show_default=False, help="A .qjl cache file from `qjl cache save`.")]
 Device = Annotated[Optional[str], typer.Option(
-    "--device", metavar="cpu|cuda|cuda:N", show_default=False,
-    help="Put the whole model on one device. Default: the GPU when there is one, else the CPU.")]
+    "--device", metavar="DEVICE", show_default=False,
+    help="cpu, cuda or cuda:N: the whole model on one device. Default: the GPU when there is one, else the CPU.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
-    "--device-map", metavar="auto|balanced|sequential", show_default=False,
-    help="Let accelerate place the layers over the GPUs and CPU memory (or set QJL_DEVICE_MAP); each layer's "
-         "cache stays on its layer's device.")]
+    "--device-map", metavar="MAP", show_default=False,
+    help="auto, balanced or sequential: let accelerate place the layers over the GPUs and CPU memory (or set "
+         "QJL_DEVICE_MAP); each layer's cache stays on its layer's device.")]
 MaxMemory = Annotated[Optional[str], typer.Option(
-    "--max-memory", metavar="0=20GiB,1=20GiB,cpu=64GiB", show_default=False,
-    help="Most memory accelerate may use on each device (GPU numbers and cpu; or set QJL_MAX_MEMORY); implies "
+    "--max-memory", metavar="DEV=SIZE,...", show_default=False,
+    help="Most memory accelerate may use on each device, e.g. 0=20GiB,1=20GiB,cpu=64GiB (or set QJL_MAX_MEMORY); "
+         "implies "
          "--device-map auto. A model and document that cannot fit are refused before loading.")]

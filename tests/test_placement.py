@@ -309,3 +309,21 @@ def test_dispatch_places_a_model_built_in_memory_with_accelerate():
         assert torch.equal(placed(ids).logits, want)
     with pytest.raises(ModelError, match="does not fit the memory named"):
         dispatch(LlamaForCausalLM(model.config), make_placement(max_memory="cpu=10KiB"))
+
+
+def test_info_names_the_layers_per_device():
+    from qjl.results import DocumentStats
+    from qjl_cli import render
+
+    class Loaded:
+        name, context_length, placement = "m", 4096, {"cuda:0": 16, "cpu": 16}
+
+    class Sess:
+        def history(self):
+            return []
+
+        def tail_tokens(self):
+            return 0
+
+    line = render.session_info(DocumentStats(100, 1.0, 1000, 3.0, 6000), Loaded(), "turbo", "doc", 0, Sess())
+    assert line.endswith("layers: cuda:0 16, cpu 16")

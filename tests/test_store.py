@@ -521,9 +521,9 @@ def test_cli_save_info_ask_and_load_with_the_embedded_model(embedded_home, tmp_p
 
     real_load, models = seams.load_model, {}
 
-    def load_once(spec, progress=None):  # one model for every command of this test
+    def load_once(spec, progress=None, placement=None, fit=None):  # one model for every command of this test
         if spec not in models:
-            models[spec] = real_load(spec, progress)
+            models[spec] = real_load(spec, progress, placement, fit)
         return models[spec]
 
     monkeypatch.setattr(seams, "load_model", load_once)
