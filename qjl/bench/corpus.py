@@ -1,0 +1,69 @@
+"""The evaluation corpus of the quality measurements: one text per genre, or any text file (torch-free).
+
+The genres' files live in qjl/data/corpus/ (rebuilt byte for byte by scripts/build_corpus.py from pinned PyPI
+releases; SOURCES.json records each file's package, version, archive sha256 and text sha256). Each is long
+enough for a window of 8,192 tokens of the embedded model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import BenchError, DocumentError
+
+CORPUS_DIR = Path(__file__).resolve().parent.parent / "data" / "corpus"
+# In the order tables show them; "prose" is the essays the defaults were first tuned on.
+GENRES = ("prose", "docs", "code", "numbers")
+ALL = "all"
+
+
+def sources() -> dict:
+    """SOURCES.json's record of each genre: package, version, archive and text sha256, description."""
+    return json.loads((CORPUS_DIR / "SOURCES.json").read_text(encoding="utf-8"))["genres"]
+
+
+def parse_texts(spec: str | None) -> list[str]:
+    """'docs,code' -> ['docs', 'code']; 'all' -> every genre; None or '' -> ['prose']. A name that is no genre
+    must be an existing file (checked here, before a model loads): a DocumentError, else a BenchError."""
+    if not spec or not spec.strip():
+        return ["prose"]
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        names = list(GENRES) if part == ALL else [part]
+        for name in names:
+            if name not in GENRES:
+                _check_file(name)
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def _check_file(name: str) -> None:
+    path = Path(name)
+    if not name or ("/" not in name and "." not in name and not path.exists()):
+        raise BenchError(f"unknown text {name!r}: give a genre ({', '.join(GENRES)}, or {ALL}) or a text file")
+    if not path.is_file():
+        raise DocumentError(f"text file {name} does not exist or is not a file: give a genre "
+                            f"({', '.join(GENRES)}) or a readable text file")
+
+
+def text_of(name: str) -> str:
+    """The text of a genre or of a UTF-8 file."""
+    path = CORPUS_DIR / f"{name}.txt" if name in GENRES else Path(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DocumentError(f"text file {path} does not exist: give a genre or a readable text file") from None
+    except UnicodeDecodeError:
+        raise DocumentError(f"text file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise DocumentError(f"text file {path} cannot be read ({e.strerror})") from None
+    if not text.strip():
+        raise DocumentError(f"text file {path} is empty")
+    return text
+
+
+def label_of(name: str) -> str:
+    """How a table names the text: the genre, or the file's name."""
+    return name if name in GENRES else Path(name).name
