@@ -1,10 +1,12 @@
-"""CPU kernels of the ops (qjl_cpu.c): built with the system's C compiler at first use, called through ctypes.
+"""CPU kernels of the ops (qjl_cpu.c, qjl_cpu_sketch.c, sharing qjl_cpu.h): built with the system's C compiler at
+first use, called through ctypes.
 
-`register()` puts them beneath the ops `qjl::turbo_attention`, `qjl::vq_nearest` and `qjl::pack_codes` for CPU tensors (qjl/ops
-stays the specification; tests/test_native.py holds the two together). The shared library is compiled once
+`register()` puts them beneath the ops `qjl::turbo_attention`, `qjl::sketch_attention` (its wrapper in
+sketch.py), `qjl::vq_nearest` and `qjl::pack_codes` for CPU tensors (qjl/ops stays the specification;
+tests/test_native.py and tests/test_native_sketch.py hold the two together). The shared library is compiled once
 per source, compiler and CPU into QJL_HOME/native/ (about a second) and reused. Where there is no compiler,
 or it fails, or QJL_NATIVE=0, the ops keep their torch code and one warning says why. Configurations the
-kernel does not cover (fp16 outlier channels, the residual sketch, bf16 queries, long query chunks) go to the
+kernels do not cover (turbo's fp16 outlier channels, the residual sketch, long query chunks) go to the
 torch code too, without a warning: that is the kernel's scope, not a failure.
 """
 
@@ -26,8 +28,11 @@ import torch
 from ..ops import attention as attention_ops
 from ..ops import codes as codes_ops
 from ..ops import encode as encode_ops
+from .sketch import sketch_attention_cpu
 
-SOURCE = Path(__file__).with_name("qjl_cpu.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "qjl_cpu.c", HERE / "qjl_cpu_sketch.c"]  # compiled together; qjl_cpu.h is included by both
+HEADER = HERE / "qjl_cpu.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 MAX_PARTS = 2
 # Query rows (GQA group x chunk) the kernel takes: decode steps. Measured on cpu-2 (one thread, 3 KV heads of
@@ -71,7 +76,8 @@ def _key(cc: str) -> str:
         cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return hashlib.sha256("\n".join([SOURCE.read_text(), version, " ".join(FLAGS), cpu]).encode()).hexdigest()[:16]
+    texts = [p.read_text() for p in (*SOURCES, HEADER)]
+    return hashlib.sha256("\n".join([*texts, version, " ".join(FLAGS), cpu]).encode()).hexdigest()[:16]
 
 
 def _build(cc: str, dest: Path) -> None:
@@ -79,7 +85,7 @@ def _build(cc: str, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        run = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
                              timeout=300)
         if run.returncode:
             raise OSError((run.stderr.strip().splitlines() or ["compiler failed"])[-1])
@@ -111,6 +117,7 @@ def library() -> ctypes.CDLL | None:
     lib.qjl_vq_nearest.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.qjl_turbo_attention.argtypes = [ctypes.POINTER(TurboArgs), ctypes.c_int]
+    lib.qjl_sketch_attention.argtypes = [ctypes.c_void_p, ctypes.c_int]  # a SketchArgs (qjl/native/sketch.py)
     lib.qjl_pack_codes.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_int]
     return lib
@@ -218,3 +225,4 @@ def register() -> None:
     encode_ops.vq_nearest.register_kernel("cpu")(vq_nearest_cpu)
     codes_ops.pack_codes.register_kernel("cpu")(pack_codes_cpu)
     attention_ops.turbo_attention.register_kernel("cpu")(turbo_attention_cpu)
+    attention_ops.sketch_attention.register_kernel("cpu")(sketch_attention_cpu)

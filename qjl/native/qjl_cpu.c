@@ -6,21 +6,9 @@
  * hold these to it. Layouts: docs/ARCHITECTURE.md. Every index here is computed from the sizes passed in;
  * the Python wrapper checks shapes, dtypes and contiguity before calling.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "qjl_cpu.h"
 
-#if defined(__aarch64__)
-typedef __fp16 half_t;
-#else
-typedef _Float16 half_t;
-#endif
-
-#define TOKEN_BLOCK 256
 #define MAX_PARTS 2
-
-static inline float h2f(half_t h) { return (float)h; }
 
 /* --- vq_nearest: argmax_c <g, c> - |c|^2 / 2 over K codewords of dimension C, for n groups -----------
  * half_norm[k] = |c_k|^2 / 2 comes from the caller (torch computes it, as the torch op does), and each dot
@@ -157,21 +145,6 @@ static inline void value_decode(const turbo_args *a, int64_t bh, int64_t t, floa
     }
 }
 
-/* Per row, the outlier channels' contribution for one token group: sum_j (q_j s_gj) code_j + sum_j q_j z_gj. */
-static void outlier_group(const turbo_args *a, const float *qsel, int64_t bh, int64_t g, float *coef, float *bias) {
-    const int r = a->r;
-    const int64_t rows = (a->T / a->G) * r;
-    for (int row = 0; row < a->R; row++) {
-        float b = 0.f;
-        for (int j = 0; j < r; j++) {
-            const int64_t k = bh * rows + g * r + j;
-            coef[row * r + j] = qsel[row * r + j] * h2f(a->oscales[k]);
-            b += qsel[row * r + j] * h2f(a->omins[k]);
-        }
-        bias[row] = b;
-    }
-}
-
 /* One block of compressed tokens of one KV head: (max, sum, acc) per row, acc in rotated space.
  * Each token's codes are decoded once (key table slots and outlier codes token-minor, so the per-row sums run
  * over tokens and vectorise as gathers; values into a [tokens, D] tile), then every row reads them. */
@@ -184,16 +157,9 @@ static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs,
     float *code = malloc(sizeof(float) * (r ? r : 1) * TB);
     float *logit = malloc(sizeof(float) * R * TB);
     float *vdec = malloc(sizeof(float) * TB * D);
-    float *coef = malloc(sizeof(float) * R * (r ? r : 1)), *bias = malloc(sizeof(float) * R);
     float norm[TOKEN_BLOCK], vn[TOKEN_BLOCK];
     int tmp[512];
     int ns = 0;
-    /* outlier codes: rows of G tokens at obits bits, `per` codes a byte (a power of 2) */
-    const int per = r ? 8 / a->obits : 1, per_log2 = per == 1 ? 0 : per == 2 ? 1 : per == 4 ? 2 : 3;
-    const int mask = r ? (1 << a->obits) - 1 : 0, row_bytes = r ? a->G * a->obits / 8 : 0;
-    const int64_t rows = r ? (a->T / a->G) * r : 0;
-    int64_t g = 0, u = 0;
-    const uint8_t *base = a->ocodes;
     for (int k = 0; k < n; k++) {
         const int64_t t = t0 + k;
         ns = key_slots(a, bh, t, tmp);
@@ -201,16 +167,6 @@ static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs,
         norm[k] = h2f(a->knorms[bh * a->T + t]);
         vn[k] = h2f(a->vnorms[bh * a->T + t]);
         value_decode(a, bh, t, vdec + (int64_t)k * D);
-        if (r) {
-            if (k == 0 || ++u == a->G) {  /* the token's group and place in it, without a division per token */
-                g = t / a->G;
-                u = t % a->G;
-                base = a->ocodes + (bh * rows + g * r) * row_bytes;
-            }
-            const uint8_t *c = base + (u >> per_log2);
-            const int shift = (int)(u & (per - 1)) * a->obits;
-            for (int j = 0; j < r; j++) code[j * TB + k] = (float)((c[j * row_bytes] >> shift) & mask);
-        }
     }
     for (int row = 0; row < R; row++) {
         float *l = logit + row * TB;
@@ -223,30 +179,13 @@ static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs,
         for (int k = 0; k < n; k++) l[k] *= norm[k];
     }
     if (r) {
-        for (int k0 = 0; k0 < n;) {  /* one token group at a time: its scales and minimums */
-            const int64_t g = (t0 + k0) / a->G;
-            int k1 = (int)((g + 1) * a->G - t0);
-            if (k1 > n) k1 = n;
-            outlier_group(a, qsel, bh, g, coef, bias);
-            for (int row = 0; row < R; row++) {
-                float *l = logit + row * TB;
-                for (int k = k0; k < k1; k++) l[k] += bias[row];
-                for (int j = 0; j < r; j++) {
-                    const float c = coef[row * r + j];
-                    const float *cj = code + j * TB;
-                    for (int k = k0; k < k1; k++) l[k] += c * cj[k];
-                }
-            }
-            k0 = k1;
-        }
+        const outlier_rows o = {a->ocodes, a->oscales, a->omins, r, a->obits, a->G, a->T};
+        outlier_codes(&o, bh, t0, n, code);
+        outlier_logits(&o, bh, R, qsel, t0, n, code, logit);
     }
     for (int row = 0; row < R; row++) {
         float *l = logit + row * TB;
-        float top = -INFINITY, sum = 0.f;
-        for (int k = 0; k < n; k++) { l[k] *= a->scaling; top = fmaxf(top, l[k]); }
-        for (int k = 0; k < n; k++) { l[k] = expf(l[k] - top); sum += l[k]; }
-        m[row] = top;
-        s[row] = sum;
+        block_softmax(l, n, a->scaling, m + row, s + row);
         float *o = acc + (int64_t)row * D;
         memset(o, 0, sizeof(float) * D);
         for (int k = 0; k < n; k++) {
@@ -255,7 +194,7 @@ static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs,
             for (int d = 0; d < D; d++) o[d] += w * y[d];
         }
     }
-    free(slot); free(code); free(logit); free(vdec); free(coef); free(bias);
+    free(slot); free(code); free(logit); free(vdec);
 }
 
 /* Merge the blocks, rotate back, add the exact tokens: out rows of one KV head. */
@@ -265,43 +204,16 @@ static void finish_head(const turbo_args *a, int64_t bh, int nblocks, const floa
     float *rot = malloc(sizeof(float) * D * 2);
     float *logit = malloc(sizeof(float) * (Ne > 0 ? Ne : 1));
     for (int r = 0; r < R; r++) {
-        float mc = -INFINITY, sc = 0.f;
-        for (int b = 0; b < nblocks; b++) mc = fmaxf(mc, m[(int64_t)b * R + r]);
-        float *u = rot, *o = a->out + (bh * R + r) * D;
-        memset(u, 0, sizeof(float) * D);
-        for (int b = 0; b < nblocks; b++) {
-            const float f = expf(m[(int64_t)b * R + r] - mc);
-            sc += s[(int64_t)b * R + r] * f;
-            const float *ab = acc + ((int64_t)b * R + r) * D;
-            for (int d = 0; d < D; d++) u[d] += f * ab[d];
-        }
-        float *v = rot + D; /* u R: back from the rotated space */
-        memset(v, 0, sizeof(float) * D);
+        float mc, sc, *u = rot, *v = rot + D;
+        merge_blocks(nblocks, R, r, D, m, s, acc, &mc, &sc, u);
+        memset(v, 0, sizeof(float) * D); /* u R: back from the rotated space */
         for (int i = 0; i < D; i++) {
             const float ui = u[i];
             const float *row = a->vrot + (int64_t)i * D;
             for (int d = 0; d < D; d++) v[d] += ui * row[d];
         }
-        const float *qv = a->q + (bh * R + r) * D;
-        const int visible = Ne - L + (r % L) + 1;
-        float me = -INFINITY;
-        for (int j = 0; j < visible; j++) {
-            const float *k = a->ke + (bh * Ne + j) * D;
-            float x = 0.f;
-            for (int d = 0; d < D; d++) x += qv[d] * k[d];
-            logit[j] = x * a->scaling;
-            me = fmaxf(me, logit[j]);
-        }
-        const float mx = fmaxf(mc, me), fc = expf(mc - mx);
-        float total = sc * fc;
-        for (int d = 0; d < D; d++) o[d] = v[d] * fc;
-        for (int j = 0; j < visible; j++) {
-            const float p = expf(logit[j] - mx);
-            total += p;
-            const float *vv = a->ve + (bh * Ne + j) * D;
-            for (int d = 0; d < D; d++) o[d] += p * vv[d];
-        }
-        for (int d = 0; d < D; d++) o[d] /= total;
+        exact_finish(a->q + (bh * R + r) * D, a->ke + bh * Ne * D, a->ve + bh * Ne * D, Ne - L + (r % L) + 1, D,
+                     a->scaling, mc, sc, v, logit, a->out + (bh * R + r) * D);
     }
     free(rot);
     free(logit);
