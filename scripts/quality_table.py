@@ -82,8 +82,8 @@ PRESETS = {
     },
     # Issue 16: the defaults on every genre, and what removing each error source buys (where the excess is).
     "genres": {
-        "turbo default": QJLConfig(),
-        "qjl default": QJLConfig(kv="qjl"),
+        "turbo default (K3 + 8 apart, V2 vq4, 4 sinks)": QJLConfig(),
+        "qjl default (+ 4 sinks)": QJLConfig(kv="qjl"),
         "turbo default, K4": QJLConfig(turbo_key_bits=4),
         "turbo default, V4": QJLConfig(turbo_value_bits=4),
         "turbo default, 64 sink tokens": QJLConfig(sink_tokens=64),
