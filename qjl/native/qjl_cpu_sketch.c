@@ -74,18 +74,37 @@ static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *
     free(qs);
 }
 
-/* The sign part of the scores, times c ||k_in||: logit[row * TOKEN_BLOCK + k] for the n tokens from t0. */
+/* Eight floats at any address (GCC/Clang vector extension): one look-up adds 8 query rows. */
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+
+/* The sign part of the scores, times c ||k_in||: logit[row * TOKEN_BLOCK + k] for the n tokens from t0. Four
+ * tokens at a time, so four independent sums hide the latency of each add. lt: room for n x Rp floats. */
 static void sign_logits(const sketch_args *a, int64_t bh, const float *tab, int64_t t0, int n, float *lt,
                         float *logit) {
     const int nb = a->m / 8, Rp = padded_rows(a->R);
     const uint8_t *sg = a->signs + (bh * a->T + t0) * nb;
-    for (int k = 0; k < n; k++) {
-        float *lk = lt + (int64_t)k * Rp;
-        memset(lk, 0, sizeof(float) * Rp);
-        for (int i = 0; i < nb; i++) {
-            const float *e = tab + ((int64_t)i * 256 + sg[(int64_t)k * nb + i]) * Rp;
-            for (int c = 0; c < Rp; c += 8)
-                for (int u = 0; u < 8; u++) lk[c + u] += e[c + u];
+    for (int c = 0; c < Rp; c += 8) {
+        const float *tc = tab + c;
+        int k = 0;
+        for (; k + 4 <= n; k += 4) {
+            const uint8_t *s0 = sg + (int64_t)k * nb, *s1 = s0 + nb, *s2 = s1 + nb, *s3 = s2 + nb;
+            v8f x0 = {0}, x1 = {0}, x2 = {0}, x3 = {0};
+            for (int i = 0; i < nb; i++) {
+                const float *ti = tc + (int64_t)i * 256 * Rp;
+                x0 += *(const v8f *)(ti + s0[i] * Rp);
+                x1 += *(const v8f *)(ti + s1[i] * Rp);
+                x2 += *(const v8f *)(ti + s2[i] * Rp);
+                x3 += *(const v8f *)(ti + s3[i] * Rp);
+            }
+            *(v8f *)(lt + (int64_t)k * Rp + c) = x0;
+            *(v8f *)(lt + (int64_t)(k + 1) * Rp + c) = x1;
+            *(v8f *)(lt + (int64_t)(k + 2) * Rp + c) = x2;
+            *(v8f *)(lt + (int64_t)(k + 3) * Rp + c) = x3;
+        }
+        for (; k < n; k++) {
+            v8f x = {0};
+            for (int i = 0; i < nb; i++) x += *(const v8f *)(tc + ((int64_t)i * 256 + sg[(int64_t)k * nb + i]) * Rp);
+            *(v8f *)(lt + (int64_t)k * Rp + c) = x;
         }
     }
     for (int k = 0; k < n; k++) {
@@ -124,13 +143,33 @@ static void value_block(const sketch_args *a, int64_t bh, const float *lut, int6
     for (int k = 0; k < n; k++) {
         const uint8_t *b = a->vcodes + (bh * a->T + t0 + k) * nbytes;
         float *y = vdec + (int64_t)k * D;
-        for (int i = 0; i < nbytes; i++)
-            for (int u = 0; u < per; u++) y[i * per + u] = lut[b[i] * per + u];
+        if (per == 4) {  /* 2 bits: the default */
+            for (int i = 0; i < nbytes; i++) memcpy(y + i * 4, lut + b[i] * 4, sizeof(float) * 4);
+        } else {
+            for (int i = 0; i < nbytes; i++)
+                for (int u = 0; u < per; u++) y[i * per + u] = lut[b[i] * per + u];
+        }
         for (int g = 0; g < ng; g++) {
             vs[k * ng + g] = h2f(a->vscales[(bh * a->T + t0 + k) * ng + g]);
             vz[k * ng + g] = h2f(a->vmins[(bh * a->T + t0 + k) * ng + g]);
         }
     }
+}
+
+/* A group of 64 channels (the default): o[d] = sum_k w_k s_k y_kd and *z = sum_k w_k z_k over n tokens, the
+ * 64 sums in registers. s, z: every `stride`-th number; y: rows of `ld` floats. */
+static void weighted_codes64(const float *w, const float *s, const float *z, int stride, const float *y, int ld,
+                             int n, float *o, float *zo) {
+    v8f x[8] = {{0}};
+    float zs = 0.f;
+    for (int k = 0; k < n; k++) {
+        const float ws = w[k] * s[k * stride];
+        const float *yk = y + (int64_t)k * ld;
+        for (int j = 0; j < 8; j++) x[j] += ws * *(const v8f *)(yk + 8 * j);
+        zs += w[k] * z[k * stride];
+    }
+    for (int j = 0; j < 8; j++) *(v8f *)(o + 8 * j) = x[j];
+    *zo = zs;
 }
 
 /* One block of compressed tokens of one KV head: (max, sum, acc [D + ng]) per row; acc holds
@@ -156,10 +195,13 @@ static void sketch_block(const sketch_args *a, int64_t bh, const float *tab, con
             for (int k = 0; k < n; k++) l[k] += qmean[row];
         block_softmax(l, n, a->scaling, m + row, s + row);
         memset(o, 0, sizeof(float) * W);
-        for (int k = 0; k < n; k++) {
-            const float *y = vdec + (int64_t)k * D;
-            for (int g = 0; g < ng; g++) {
-                const float ws = l[k] * vs[k * ng + g];
+        for (int g = 0; g < ng; g++) {
+            if (vg == 64) {
+                weighted_codes64(l, vs + g, vz + g, ng, vdec + g * 64, D, n, o + g * 64, o + D + g);
+                continue;
+            }
+            for (int k = 0; k < n; k++) {
+                const float ws = l[k] * vs[k * ng + g], *y = vdec + (int64_t)k * D;
                 for (int d = g * vg; d < (g + 1) * vg; d++) o[d] += ws * y[d];
                 o[D + g] += l[k] * vz[k * ng + g];
             }
