@@ -44,10 +44,12 @@ def _exact(gen, H: int, D: int, L: int, parts):
 @pytest.mark.parametrize("label", sorted(SETTINGS))
 @pytest.mark.parametrize("D,H,g,L,groups,exact", [(64, 3, 3, 1, 9, (4, 65)), (128, 2, 4, 3, 3, (4, 7)),
                                                   (64, 4, 1, 3, 1, (0, 3)), (128, 1, 3, 1, 17, (4, 0, 2)),
-                                                  (64, 3, 3, 4, 5, (4, 33, 5))])
+                                                  (64, 3, 3, 4, 5, (4, 33, 5)), (64, 2, 3, 33, 2, (4, 64, 40)),
+                                                  (128, 1, 4, 17, 9, (0, 70))])
 def test_sketch_attention_matches_the_torch_op(label, D, H, g, L, groups, exact, one_thread):
     """GQA 1/3/4, head_dim 64/128, decode (L=1) and chunks (causal mask on the exact part), token counts that are
-    not a multiple of the kernel's block of 256, sink/window/tail parts present or not."""
+    not a multiple of the kernel's block of 256, sink/window/tail parts present or not, rows in one table chunk of 8
+    (3, 4, 9) or several (12, 68, 99)."""
     assert g * L <= sketch.MAX_ROWS  # the kernel's own path, not the torch fallback
     args, gen = _layer(SETTINGS[label], D, H, groups, seed=D + g + L)
     ek, ev = _exact(gen, H, D, L, exact)
@@ -82,7 +84,7 @@ def test_half_precision_queries_return_their_dtype():
 
 def _uncovered():
     """(name, args change, q rows) the kernel leaves to the torch code."""
-    return {"too many rows": ({}, 5), "int16 group indices": ({"outlier_index": "int16"}, 1),
+    return {"too many rows": ({}, sketch.MAX_ROWS // 3 + 1), "int16 group indices": ({"outlier_index": "int16"}, 1),
             "fp32 norms": ({"key_norms": "float32"}, 1), "no library": ({}, 1)}
 
 
