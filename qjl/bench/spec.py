@@ -25,6 +25,7 @@ class ModeSpec:
     module: str | None = None  # what a peer imports
     package: str | None = None  # the PyPI package that provides it
     default: bool = True
+    config: dict = field(default_factory=dict)  # qjl's own modes: QJLConfig fields beside kv (a preset)
 
     @property
     def is_peer(self) -> bool:
@@ -47,6 +48,8 @@ class ModeSpec:
 _WINDOW = dict(q_group_size=64, residual_length=128)
 MODES: dict[str, ModeSpec] = {m.name: m for m in (
     ModeSpec("turbo", "qjl's default: rotation + Lloyd-Max codes, ~3 bits", kv="turbo"),
+    ModeSpec("turbo-2.5", "turbo at about 2.5 bits: 2-bit keys (+ 8 channels apart), 2-bit values (not in the "
+             "default set)", kv="turbo", config=dict(turbo_key_bits=2), default=False),
     ModeSpec("qjl", "the paper's 1-bit QJL keys + 2-bit values", kv="qjl"),
     ModeSpec("exact", "transformers' ordinary cache, the model's dtype (the reference)", kv="exact"),
     ModeSpec("quanto-4bit", "QuantizedCache, optimum-quanto int4, group 64, residual 128", backend="quanto",
