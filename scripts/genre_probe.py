@@ -51,6 +51,47 @@ def record(model, ids):
     return seen
 
 
+def decoded(config, i, q, k, v):
+    """k, v [1, H, T, D] with the tokens after the sink replaced by the turbo codecs' decoded ones."""
+    H, T, D = k.shape[1:]
+    s = config.sink_tokens
+    n = (T - s) // config.group_size * config.group_size
+    kc, vc = make_codecs(config, i, D)
+    qe = q[0, :, s + 32: s + 64].float().pow(2).reshape(H, -1, D).mean(1).unsqueeze(0)
+    kh, vh = k.clone(), v.clone()
+    kh[:, :, s:s + n] = kc.decode(kc.encode(k[:, :, s:s + n].float(), qe)).to(k.dtype)
+    vh[:, :, s:s + n] = vc.decode(vc.encode(v[:, :, s:s + n].float())).to(v.dtype)
+    return kh, vh
+
+
+def copy_split(model, ids, config):
+    """Per-token KL(exact || compressed) of one forward pass whose keys and values are decoded in every layer,
+    split into tokens that continue a bigram seen earlier in the text (copies) and the others."""
+    import torch.nn.functional as F
+
+    ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+
+    def squeezed(module, query, key, value, *args, **kwargs):
+        kh, vh = decoded(config, module.layer_idx, query, key, value)
+        return qjl_attention_forward(module, query, kh, vh, *args, **kwargs)
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, squeezed)
+    try:
+        lp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+    finally:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, qjl_attention_forward)
+    kl = (ref.exp() * (ref - lp)).sum(-1)[256:-1]
+    t = ids[0].tolist()
+    seen, copy = set(), []
+    for j in range(len(t) - 1):
+        copy.append((t[j], t[j + 1]) in seen)
+        seen.add((t[j], t[j + 1]))
+    copy = torch.tensor(copy[256:])
+    return {"kl": kl.mean().item(), "copy_share": copy.float().mean().item(),
+            "kl_copy": kl[copy].mean().item(), "kl_other": kl[~copy].mean().item(),
+            "kl_from_copies": (kl[copy].sum() / kl.sum()).item()}
+
+
 def attention(q, k, v, pos, heavy=None, k_exact=None, v_exact=None):
     """Outputs [H, g, Q, D] and weights [H, g, Q, T] of queries at positions pos over keys before them."""
     H, T, D = k.shape
@@ -124,6 +165,8 @@ def main() -> int:
     p.add_argument("--stride", type=int, default=4, help="every n-th query position from 256 on")
     p.add_argument("--config", default="{}", help="QJLConfig fields as JSON (default: the turbo default)")
     p.add_argument("--json", default=None)
+    p.add_argument("--copy", action="store_true", help="instead: one forward pass with decoded K/V in every "
+                   "layer, its KL per token split into copies (a bigram seen before) and the rest")
     args = p.parse_args()
     config = QJLConfig.from_dict(QJLConfig().to_dict() | json.loads(args.config))
     torch.set_grad_enabled(False)
@@ -132,6 +175,10 @@ def main() -> int:
     for name in parse_texts(args.text):
         ids = loaded.tokenizer(text_of(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
         ids = ids[:, :args.tokens]
+        if args.copy:
+            out[label_of(name)] = r = copy_split(loaded.model, ids, config)
+            print(f"{label_of(name)}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()), flush=True)
+            continue
         seen = record(loaded.model, ids)
         pos = torch.arange(256, ids.shape[1], args.stride)
         rows = [probe_layer(i, q, k, v, config, pos) for i, (q, k, v) in enumerate(seen)]
