@@ -64,12 +64,13 @@ def decoded(config, i, q, k, v):
     return kh, vh
 
 
-def copy_split(model, ids, config):
+def copy_split(model, ids, config, ref=None):
     """Per-token KL(exact || compressed) of one forward pass whose keys and values are decoded in every layer,
     split into tokens that continue a bigram seen earlier in the text (copies) and the others."""
     import torch.nn.functional as F
 
-    ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+    if ref is None:
+        ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
 
     def squeezed(module, query, key, value, *args, **kwargs):
         kh, vh = decoded(config, module.layer_idx, query, key, value)
@@ -164,6 +165,8 @@ def main() -> int:
     p.add_argument("--text", default="all")
     p.add_argument("--stride", type=int, default=4, help="every n-th query position from 256 on")
     p.add_argument("--config", default="{}", help="QJLConfig fields as JSON (default: the turbo default)")
+    p.add_argument("--screen", nargs="*", default=None,
+                   help="with --copy: more configs (JSON each) measured against the same exact pass")
     p.add_argument("--json", default=None)
     p.add_argument("--copy", action="store_true", help="instead: one forward pass with decoded K/V in every "
                    "layer, its KL per token split into copies (a bigram seen before) and the rest")
@@ -176,8 +179,14 @@ def main() -> int:
         ids = loaded.tokenizer(text_of(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
         ids = ids[:, :args.tokens]
         if args.copy:
-            out[label_of(name)] = r = copy_split(loaded.model, ids, config)
-            print(f"{label_of(name)}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()), flush=True)
+            import torch.nn.functional as F
+
+            ref = F.log_softmax(loaded.model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+            out[label_of(name)] = {}
+            for extra in [args.config] + (args.screen or []):
+                cfg = QJLConfig.from_dict(QJLConfig().to_dict() | json.loads(extra))
+                out[label_of(name)][extra] = r = copy_split(loaded.model, ids, cfg, ref)
+                print(f"{label_of(name)} {extra}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()), flush=True)
             continue
         seen = record(loaded.model, ids)
         pos = torch.arange(256, ids.shape[1], args.stride)
