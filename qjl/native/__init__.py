@@ -28,6 +28,7 @@ import torch
 from ..ops import attention as attention_ops
 from ..ops import codes as codes_ops
 from ..ops import encode as encode_ops
+from .cargs import Pointers, threads
 from .sketch import sketch_attention_cpu
 
 HERE = Path(__file__).parent
@@ -127,10 +128,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 # --- vq_nearest --------------------------------------------------------------------------------------
 def vq_nearest_cpu(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     lib = library()
@@ -141,7 +138,7 @@ def vq_nearest_cpu(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     y, cb = y.contiguous(), codebook.contiguous()
     half = (0.5 * (cb * cb).sum(-1)).contiguous()  # as the torch op computes it
     out = torch.empty(*y.shape[:-1], y.shape[-1] // c, dtype=torch.uint8)
-    if lib.qjl_vq_nearest(out.numel(), c, cb.shape[0], _ptr(y), _ptr(cb), _ptr(half), _ptr(out), _threads()):
+    if lib.qjl_vq_nearest(out.numel(), c, cb.shape[0], _ptr(y), _ptr(cb), _ptr(half), _ptr(out), threads()):
         raise RuntimeError("qjl_vq_nearest refused its arguments")
     return out
 
@@ -155,7 +152,7 @@ def pack_codes_cpu(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes_ops.pack_codes._init_fn(codes, bits)
     codes = codes.contiguous()
     out = torch.empty(*codes.shape[:-1], n * bits // 8, dtype=torch.uint8)
-    if lib.qjl_pack_codes(codes.numel() // n, n, bits, _ptr(codes), _ptr(out), _threads()):
+    if lib.qjl_pack_codes(codes.numel() // n, n, bits, _ptr(codes), _ptr(out), threads()):
         raise RuntimeError("qjl_pack_codes refused its arguments")
     return out
 
@@ -186,14 +183,7 @@ def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids,
             scaling)
     B, Hq, L, D = q.shape
     H = exact_k[0].shape[1]
-    keep = []  # every tensor handed to C stays referenced until the call returns
-
-    def c(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
-        if t is None:
-            return None
-        t = t.contiguous() if dtype is None else t.to(dtype).contiguous()
-        keep.append(t)
-        return t.data_ptr()
+    c = Pointers()  # every tensor handed to C stays referenced until the call returns
 
     a = TurboArgs(B=B, H=H, R=Hq // H * L, L=L, D=D, dim=key_rotation.shape[0], T=key_norms.shape[2],
                   Ne=sum(t.shape[2] for t in exact_k), nkp=len(key_codes), nvp=len(value_codes),
@@ -214,7 +204,7 @@ def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids,
     a.vnorms, a.vrot = c(value_norms), c(value_rotation, torch.float32)
     out = torch.empty(B, H, a.R, D)
     a.out = out.data_ptr()
-    if lib.qjl_turbo_attention(ctypes.byref(a), _threads()):
+    if lib.qjl_turbo_attention(ctypes.byref(a), threads()):
         raise RuntimeError("qjl_turbo_attention refused its arguments")
     return out.reshape(B, Hq, L, D).to(q.dtype)
 

@@ -12,6 +12,7 @@ import ctypes
 import torch
 
 from ..ops import attention as attention_ops
+from .cargs import Pointers, threads
 
 # Query rows (GQA group x chunk) the kernel takes. Measured against the torch op in one process (one thread,
 # 3 KV heads of 64, 2k-8k tokens): 0.31-0.33x its time at 3 rows (decode), 0.52x at 12, 0.78-0.81x at 96-189
@@ -86,14 +87,7 @@ def sketch_attention_cpu(q, exact_k, exact_v, signs, key_norms, projection, sket
             value_scales, value_mins, value_bits, value_group, scaling)
     B, Hq, L, D = q.shape
     H = exact_k[0].shape[1]
-    keep = []  # every tensor handed to C stays referenced until the call returns
-
-    def c(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
-        if t is None:
-            return None
-        t = t.contiguous() if dtype is None else t.to(dtype).contiguous()
-        keep.append(t)
-        return t.data_ptr()
+    c = Pointers()  # every tensor handed to C stays referenced until the call returns
 
     a = SketchArgs(B=B, H=H, R=Hq // H * L, L=L, D=D, T=signs.shape[2], Ne=sum(t.shape[2] for t in exact_k),
                    m=projection.shape[0], sketch_scale=float(sketch_scale), scope=scope, G=group_size,
@@ -105,6 +99,6 @@ def sketch_attention_cpu(q, exact_k, exact_v, signs, key_norms, projection, sket
           value_codes, value_scales, value_mins)
     out = torch.empty(B, H, a.R, D)
     a.out = out.data_ptr()
-    if lib.qjl_sketch_attention(ctypes.addressof(a), max(1, torch.get_num_threads())):
+    if lib.qjl_sketch_attention(ctypes.addressof(a), threads()):
         raise RuntimeError("qjl_sketch_attention refused its arguments")
     return out.reshape(B, Hq, L, D).to(q.dtype)
