@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qjl.codecs import make_codecs
+from attention_inputs import exact_parts, layer_args
 from qjl.config import QJLConfig
 from qjl.ops import dense
 from qjl.ops.attention import sketch_attention, turbo_attention
@@ -25,18 +25,9 @@ OPS = {"turbo": turbo_attention, "qjl": sketch_attention}
 
 
 def _inputs(config: QJLConfig, D: int, H: int, g: int, L: int, groups: int, exact: tuple, seed: int):
-    keys, values = make_codecs(config, 0, D)
-    gen = torch.Generator().manual_seed(seed)
-    T = groups * config.group_size
-    ks = keys.encode(torch.randn(1, H, T, D, generator=gen) * 2, torch.rand(1, H, D, generator=gen))
-    vs = values.encode(torch.randn(1, H, T, D, generator=gen))
-    sizes = [n for n in exact if n] or [L]
-    sizes[-1] = max(sizes[-1], L)  # the queries are the last L exact tokens
-    ek = [torch.randn(1, H, n, D, generator=gen).to(torch.float16 if i == 0 else torch.float32)
-          for i, n in enumerate(sizes)]
-    ev = [torch.randn(1, H, n, D, generator=gen).to(t.dtype) for n, t in zip(sizes, ek)]
-    q = torch.randn(1, H * g, L, D, generator=gen)
-    return q, ek, ev, keys.op_args(ks) | values.op_args(vs)
+    args, gen = layer_args(config, D, H, groups, seed)
+    ek, ev = exact_parts(gen, H, D, L, exact)
+    return torch.randn(1, H * g, L, D, generator=gen), ek, ev, args
 
 
 def _both(monkeypatch, op, q, ek, ev, args, scaling):

@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
+from attention_inputs import exact_parts, layer_args
 from qjl import native
-from qjl.codecs import make_codecs
 from qjl.config import QJLConfig
 from qjl.ops import pack_codes, unpack_codes, vq_nearest
 from qjl.ops.attention import turbo_attention
@@ -25,15 +25,6 @@ SETTINGS = {
 }
 
 
-def _layer(config: QJLConfig, D: int, H: int, groups: int, seed: int):
-    keys, values = make_codecs(config, 0, D)
-    gen = torch.Generator().manual_seed(seed)
-    T = groups * config.group_size
-    ks = keys.encode(torch.randn(1, H, T, D, generator=gen) * 2, torch.rand(1, H, D, generator=gen))
-    vs = values.encode(torch.randn(1, H, T, D, generator=gen))
-    return keys.op_args(ks) | values.op_args(vs), gen
-
-
 @pytest.mark.parametrize("label", sorted(SETTINGS))
 @pytest.mark.parametrize("D,H,g,L,groups,exact", [(64, 3, 3, 1, 9, (4, 1)), (128, 2, 4, 3, 3, (4, 7)),
                                                   (64, 4, 1, 3, 1, (0, 3)), (128, 1, 3, 1, 17, (4, 0, 2))])
@@ -41,12 +32,8 @@ def test_turbo_attention_matches_the_torch_op(label, D, H, g, L, groups, exact, 
     """Any GQA ratio (1, 3, 4), head_dim 64/128, decode (L=1) and chunks with the causal mask on the exact part,
     token counts that are not a block multiple (the kernel splits compressed tokens in blocks of 256)."""
     assert g * L <= native.MAX_ROWS  # the kernel's own path, not the torch fallback
-    args, gen = _layer(SETTINGS[label], D, H, groups, seed=D + g + L)
-    sizes = [n for n in exact if n] or [L]
-    sizes[-1] = max(sizes[-1], L)  # the queries are the last L exact tokens
-    ek = [torch.randn(1, H, n, D, generator=gen).to(torch.float16 if i == 0 else torch.float32)
-          for i, n in enumerate(sizes)]
-    ev = [torch.randn(1, H, n, D, generator=gen).to(t.dtype) for n, t in zip(sizes, ek)]
+    args, gen = layer_args(SETTINGS[label], D, H, groups, seed=D + g + L)
+    ek, ev = exact_parts(gen, H, D, L, exact)
     q = torch.randn(1, H * g, L, D, generator=gen)
     ref = turbo_attention._init_fn(q, ek, ev, scaling=D ** -0.5, **args)
     got = native.turbo_attention_cpu(q, ek, ev, scaling=D ** -0.5, **args)
@@ -54,7 +41,7 @@ def test_turbo_attention_matches_the_torch_op(label, D, H, g, L, groups, exact, 
 
 
 def test_turbo_attention_in_half_precision_returns_the_query_dtype():
-    args, gen = _layer(QJLConfig(), 64, 2, 2, seed=3)
+    args, gen = layer_args(QJLConfig(), 64, 2, 2, seed=3)
     ek, ev = [torch.randn(1, 2, 3, 64, generator=gen).bfloat16()], [torch.randn(1, 2, 3, 64, generator=gen).bfloat16()]
     q = torch.randn(1, 6, 1, 64, generator=gen).bfloat16()
     got = native.turbo_attention_cpu(q, ek, ev, scaling=0.125, **args)

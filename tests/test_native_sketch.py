@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention_inputs import exact_parts, layer_args
 from qjl import native
-from qjl.codecs import make_codecs
 from qjl.config import QJLConfig
 from qjl.native import sketch
 from qjl.ops.attention import sketch_attention
@@ -24,23 +24,6 @@ SETTINGS = {
 }
 
 
-def _layer(config: QJLConfig, D: int, H: int, groups: int, seed: int):
-    keys, values = make_codecs(config, 0, D)
-    gen = torch.Generator().manual_seed(seed)
-    T = groups * config.group_size
-    ks = keys.encode(torch.randn(1, H, T, D, generator=gen) * 2 + 0.5, torch.rand(1, H, D, generator=gen))
-    vs = values.encode(torch.randn(1, H, T, D, generator=gen))
-    return keys.op_args(ks) | values.op_args(vs), gen
-
-
-def _exact(gen, H: int, D: int, L: int, parts):
-    sizes = [n for n in parts if n] or [L]
-    sizes[-1] = max(sizes[-1], L)  # the queries are the last L exact tokens
-    ek = [torch.randn(1, H, n, D, generator=gen).to(torch.float16 if i == 0 else torch.float32)
-          for i, n in enumerate(sizes)]
-    return ek, [torch.randn(1, H, n, D, generator=gen).to(t.dtype) for n, t in zip(sizes, ek)]
-
-
 @pytest.mark.parametrize("label", sorted(SETTINGS))
 @pytest.mark.parametrize("D,H,g,L,groups,exact", [(64, 3, 3, 1, 9, (4, 65)), (128, 2, 4, 3, 3, (4, 7)),
                                                   (64, 4, 1, 3, 1, (0, 3)), (128, 1, 3, 1, 17, (4, 0, 2)),
@@ -51,8 +34,8 @@ def test_sketch_attention_matches_the_torch_op(label, D, H, g, L, groups, exact,
     not a multiple of the kernel's block of 256, sink/window/tail parts present or not, rows in one table chunk of 8
     (3, 4, 9) or several (12, 68, 99)."""
     assert g * L <= sketch.MAX_ROWS  # the kernel's own path, not the torch fallback
-    args, gen = _layer(SETTINGS[label], D, H, groups, seed=D + g + L)
-    ek, ev = _exact(gen, H, D, L, exact)
+    args, gen = layer_args(SETTINGS[label], D, H, groups, key_offset=0.5, seed=D + g + L)
+    ek, ev = exact_parts(gen, H, D, L, exact)
     q = torch.randn(1, H * g, L, D, generator=gen)
     ref = sketch_attention._init_fn(q, ek, ev, scaling=D ** -0.5, **args)
     got = sketch.sketch_attention_cpu(q, ek, ev, scaling=D ** -0.5, **args)
@@ -60,8 +43,8 @@ def test_sketch_attention_matches_the_torch_op(label, D, H, g, L, groups, exact,
 
 
 def test_the_op_runs_the_kernel_on_cpu(monkeypatch):
-    args, gen = _layer(QJLConfig(kv="qjl"), 64, 3, 2, seed=1)
-    ek, ev = _exact(gen, 3, 64, 1, (4, 9))
+    args, gen = layer_args(QJLConfig(kv="qjl"), 64, 3, 2, key_offset=0.5, seed=1)
+    ek, ev = exact_parts(gen, 3, 64, 1, (4, 9))
     q = torch.randn(1, 9, 1, 64, generator=gen)
     calls = []
     real = native.library
@@ -73,7 +56,7 @@ def test_the_op_runs_the_kernel_on_cpu(monkeypatch):
 
 
 def test_half_precision_queries_return_their_dtype():
-    args, gen = _layer(QJLConfig(kv="qjl"), 64, 2, 2, seed=3)
+    args, gen = layer_args(QJLConfig(kv="qjl"), 64, 2, 2, key_offset=0.5, seed=3)
     ek, ev = [torch.randn(1, 2, 3, 64, generator=gen).bfloat16()], [torch.randn(1, 2, 3, 64, generator=gen).bfloat16()]
     q = torch.randn(1, 6, 1, 64, generator=gen).bfloat16()
     got = sketch.sketch_attention_cpu(q, ek, ev, scaling=0.125, **args)
@@ -92,10 +75,10 @@ def _uncovered():
 def test_uncovered_configurations_run_the_torch_code(name, monkeypatch):
     change, L = _uncovered()[name]
     config = QJLConfig(kv="qjl", outlier_scope="group", outlier_bits=16) if "indices" in name else QJLConfig(kv="qjl")
-    args, gen = _layer(config, 64, 3, 2, seed=5)
+    args, gen = layer_args(config, 64, 3, 2, key_offset=0.5, seed=5)
     for key, dtype in change.items():
         args[key] = args[key].to(getattr(torch, dtype))
-    ek, ev = _exact(gen, 3, 64, L, (4, 9))
+    ek, ev = exact_parts(gen, 3, 64, L, (4, 9))
     q = torch.randn(1, 9, L, 64, generator=gen)
     ran = []
     monkeypatch.setattr(sketch.attention_ops.sketch_attention, "_init_fn",
