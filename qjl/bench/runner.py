@@ -17,7 +17,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from .spec import MODES, SHAPES, Geometry, available_bytes, check_memory, check_shape
+from .devices import describe_layers, gpus_used, memory_named, placement_of, resolve_device_dtype
+from .spec import MODES, SHAPES, Geometry, check_memory, check_shape
 
 SCHEMA_VERSION = 1
 # Measured numbers whose ratio to the exact row of the same context goes into row["vs_exact"].
@@ -41,7 +42,9 @@ class BenchSettings:
     prefill_chunk: int | None = None  # None: the whole context in one pass, as `qjl ask` reads a document
     question_tokens: int = 32
     dtype: str | None = None  # None: float32 on a CPU, bfloat16 on a GPU
-    device: str | None = None
+    device: str | None = None  # --device; or accelerate's placement over max_memory ({GPU index or "cpu": bytes})
+    device_map: str | None = None
+    max_memory: dict | None = None
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     quality_chunk: int = 32
     score_from: int = 256
@@ -98,7 +101,8 @@ def kernels_state(device: torch.device) -> str:
         return "off"
 
 
-def machine_info(device: torch.device, dtype: torch.dtype, peak_kind: str) -> dict:
+def machine_info(device: torch.device, dtype: torch.dtype, peak_kind: str, layers: dict | None = None) -> dict:
+    """The machine line's facts; layers: decoder layers per device (shown when there are several devices)."""
     import transformers
 
     if device.type == "cuda":
@@ -110,9 +114,11 @@ def machine_info(device: torch.device, dtype: torch.dtype, peak_kind: str) -> di
         where = f"{name}, {threads} thread{'' if threads == 1 else 's'}"
     info = {"device": device.type, "name": name, "threads": threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "dtype": str(dtype).removeprefix("torch."), "kernels": kernels_state(device), "peak_memory": peak_kind}
+            "dtype": str(dtype).removeprefix("torch."), "kernels": kernels_state(device), "peak_memory": peak_kind,
+            "layers": layers or {}}
     info["line"] = (f"{where} · torch {info['torch']} · transformers {info['transformers']} · {info['dtype']} · "
-                    f"kernels {info['kernels']}")
+                    f"kernels {info['kernels']}" + (f" · layers {describe_layers(layers)}" if len(layers or {}) > 1
+                                                    else ""))
     return info
 
 
@@ -128,15 +134,12 @@ class Target:
     device: torch.device
     dtype: torch.dtype
     extra: dict = field(default_factory=dict)
+    layer_devices: list = field(default_factory=list)  # each decoder layer's device (empty: all on `device`)
 
-
-def resolve_device_dtype(settings: BenchSettings) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if settings.dtype:
-        dtype = getattr(torch, settings.dtype)
-    else:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    return device, dtype
+    @property
+    def watched(self) -> list[torch.device]:
+        """The devices whose clocks and peak memory a measurement covers: every GPU a layer is on, else `device`."""
+        return gpus_used(self.layer_devices) or [self.device]
 
 
 def geometry_for(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> tuple[Geometry, int]:
@@ -160,30 +163,35 @@ class _AttrDict(dict):
 
 def check_fits(settings: BenchSettings, geom: Geometry) -> None:
     """BenchError before anything is allocated when a row would not fit in memory."""
-    device, dtype = resolve_device_dtype(settings)
+    _, dtype = resolve_device_dtype(settings)
     dtype_bytes = torch.finfo(dtype).bits // 8
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        where = torch.cuda.get_device_name(device)
-    else:
-        free, where = available_bytes(), "this machine"
+    free, where = memory_named(settings)
     check_memory(geom, settings.contexts, settings.modes, settings.prefill_chunk, dtype_bytes, free, where)
 
 
 def load_target(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> Target:
+    """The model on its device, or placed by accelerate over the devices --device-map / --max-memory name."""
+    from ..placement import Placement, dispatch, input_device, layer_devices
+
     device, dtype = resolve_device_dtype(settings)
+    placement = placement_of(settings)
     if settings.shape:
         from .shapes import synthetic_model
 
-        model, name = synthetic_model(settings.shape, device, dtype, settings.seed)
-        return Target(model, name, None, SHAPES[settings.shape].max_positions, device, dtype)
+        model, name = synthetic_model(settings.shape, "cpu" if placement.split else device, dtype, settings.seed)
+        if placement.split:
+            model = dispatch(model, placement)
+        return Target(model, name, None, SHAPES[settings.shape].max_positions, input_device(model), dtype,
+                      layer_devices=layer_devices(model))
     from transformers.utils import logging as hf_logging
 
     from ..models import load_model
 
     hf_logging.disable_progress_bar()  # transformers' own bars; the bench shows its own
-    loaded = load_model(settings.model, dtype=dtype, device=str(device), progress=progress)
-    return Target(loaded.model, loaded.name, loaded, loaded.context_length, device, dtype)
+    placement = placement if placement.split else Placement(device=str(device))
+    loaded = load_model(settings.model, dtype=dtype, placement=placement, progress=progress)
+    return Target(loaded.model, loaded.name, loaded, loaded.context_length, loaded.input_device, dtype,
+                  layer_devices=loaded.layer_devices)
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -256,14 +264,14 @@ def run_bench(settings: BenchSettings, target: Target, reporter: Reporter | None
     question = _random_ids(settings.question_tokens, vocab, settings.seed + 1, device)
 
     def factory(mode: str):
-        return lambda: make_mode_cache(model.config, mode)
+        return lambda: make_mode_cache(model.config, mode, target.layer_devices)
 
     # Warm-up: every mode once at a short context (imports, allocator, first-call paths), not recorded.
     for mode in runnable:
         rep.stage(f"warm-up {mode}")
         n = min(settings.warmup_context, min(settings.contexts))
         measure_once(model, factory(mode), _random_ids(n, vocab, settings.seed, device), question, 2,
-                     settings.prefill_chunk)
+                     settings.prefill_chunk, devices=target.watched)
         rep.advance(settings.warmup_context)
 
     rows: list[dict] = []
@@ -276,7 +284,7 @@ def run_bench(settings: BenchSettings, target: Target, reporter: Reporter | None
                 rep.stage(f"{mode} @ {context:,} tokens, round {r + 1}/{settings.repeat}")
                 t0 = time.perf_counter()
                 res = measure_once(model, factory(mode), ids, question, settings.steps, settings.prefill_chunk,
-                                   on_tokens=rep.advance)
+                                   on_tokens=rep.advance, devices=target.watched)
                 res["seconds"] = time.perf_counter() - t0
                 runs[mode].append(res)
                 rep.advance((settings.steps + 2 + settings.question_tokens) * _STEP_WEIGHT)
@@ -286,8 +294,11 @@ def run_bench(settings: BenchSettings, target: Target, reporter: Reporter | None
             rows.append(row)
             rep.row(row)
     _add_ratios(rows)
-    peak_kind = PeakMemory(device).kind
-    return {"schema": SCHEMA_VERSION, "machine": machine_info(device, target.dtype, peak_kind),
+    from ..placement import layer_counts
+
+    peak_kind = PeakMemory(target.watched).kind
+    layers = layer_counts(target.layer_devices)
+    return {"schema": SCHEMA_VERSION, "machine": machine_info(target.watched[0], target.dtype, peak_kind, layers),
             "settings": {**settings.to_dict(), "model_name": target.name, "max_positions": target.max_positions,
                          "command": command}, "rows": rows}
 
@@ -327,8 +338,9 @@ def _text_quality(settings: BenchSettings, target: Target, context: int, modes: 
     out = {}
     for mode in modes:
         rep.stage(f"quality @ {context:,}, {label}: {mode}, teacher-forced")
-        out[mode] = quality_of(model, ids, lambda m=mode: make_mode_cache(model.config, m), reference,
-                               settings.score_from, settings.quality_chunk) | {"text": label}
+        make = lambda m=mode: make_mode_cache(model.config, m, target.layer_devices)  # noqa: E731
+        out[mode] = quality_of(model, ids, make, reference, settings.score_from,
+                               settings.quality_chunk) | {"text": label}
         rep.advance(context)
     return out
 
@@ -341,7 +353,7 @@ def _needles(settings: BenchSettings, target: Target, context: int, modes: list[
 
     length = min(context, target.max_positions - NEEDLE_MARGIN)
     found: dict[str, list[dict]] = {m: [] for m in modes}
-    configs = {m: (lambda cfg, m=m: make_mode_cache(cfg, m)) for m in modes}
+    configs = {m: (lambda cfg, m=m: make_mode_cache(cfg, m, target.layer_devices)) for m in modes}
 
     def on_row(row: dict) -> None:
         found[row["config"]].append({"depth": row["depth"], "found": row["found"], "answer": row["answer"]})

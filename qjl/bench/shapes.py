@@ -20,9 +20,12 @@ def synthetic_model(name: str, device: str | torch.device, dtype: torch.dtype, s
     try:
         cfg = LlamaConfig(**shape.config_kwargs())
         torch.manual_seed(seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in its dtype: an 8B model never exists in float32
         with torch.device(device):
-            model = LlamaForCausalLM(cfg).to(dtype).eval()  # initialised on the device: seconds, not minutes
+            model = LlamaForCausalLM(cfg).eval()  # initialised on the device: seconds, not minutes
     finally:
+        torch.set_default_dtype(default)
         hf_logging.set_verbosity(verbosity)
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
     return model, f"{name} (random weights)"

@@ -14,9 +14,15 @@ from ..cache import make_cache
 from ..config import QJLConfig
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _devices(devices) -> list[torch.device]:
+    return [torch.device(d) for d in (devices if isinstance(devices, (list, tuple)) else [devices])]
+
+
+def sync(devices) -> None:
+    """Wait for every GPU among `devices` (one device or a list: a model split over several)."""
+    for d in _devices(devices):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 # --- memory ------------------------------------------------------------------------------------------------
@@ -38,20 +44,24 @@ def _release_cpu_memory() -> None:
 
 
 class PeakMemory:
-    """Peak memory of a block above its start: allocated bytes on CUDA; resident set (RSS) on the CPU, from
-    /proc/self/status after resetting its high-water mark (VmHWM) through /proc/self/clear_refs."""
+    """Peak memory of a block above its start: allocated bytes on CUDA (summed over the GPUs of a split model);
+    where no GPU is used, the resident set (RSS) from /proc/self/status after resetting its high-water mark
+    (VmHWM) through /proc/self/clear_refs."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda peak allocated" if device.type == "cuda" else "peak RSS growth"
+    def __init__(self, devices):
+        self.gpus = [d for d in _devices(devices) if d.type == "cuda"]
+        n = len(self.gpus)
+        self.kind = ("peak RSS growth" if not n else "cuda peak allocated" if n == 1
+                     else f"cuda peak allocated, summed over {n} GPUs")
         self.start = 0
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.gpus:
+            sync(self.gpus)
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
+            for d in self.gpus:
+                torch.cuda.reset_peak_memory_stats(d)
+            self.start = sum(torch.cuda.memory_allocated(d) for d in self.gpus)
         else:
             _release_cpu_memory()
             try:
@@ -66,8 +76,8 @@ class PeakMemory:
         pass
 
     def peak(self) -> int | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.start
+        if self.gpus:
+            return sum(torch.cuda.max_memory_allocated(d) for d in self.gpus) - self.start
         hwm = _status_kib("VmHWM")
         return None if hwm is None else max(0, hwm * 1024 - self.start)
 
@@ -75,12 +85,13 @@ class PeakMemory:
 # --- one measurement ---------------------------------------------------------------------------------------
 @torch.inference_mode()
 def measure_once(model, make: Callable[[], object], ids: torch.Tensor, question: torch.Tensor, steps: int,
-                 chunk: int | None = None, on_tokens: Callable[[int], None] | None = None) -> dict:
+                 chunk: int | None = None, on_tokens: Callable[[int], None] | None = None, devices=None) -> dict:
     """Prefill ids [1, T] (`chunk` at a time) into make()'s cache, freeze it as the document, then time a
     question's prefill up to its first token and `steps` greedy decode steps after one untimed step.
 
+    devices: what to synchronise and whose peak memory to sum (a split model's GPUs); default ids' device.
     The cache's own accounting gives bits per number and bytes. Returns plain numbers (seconds, bytes)."""
-    device = ids.device
+    device = devices or ids.device
     context = ids.shape[1]
     chunk = chunk or context
     with PeakMemory(device) as mem:
