@@ -27,10 +27,12 @@ SETTINGS = {
 
 @pytest.mark.parametrize("label", sorted(SETTINGS))
 @pytest.mark.parametrize("D,H,g,L,groups,exact", [(64, 3, 3, 1, 9, (4, 1)), (128, 2, 4, 3, 3, (4, 7)),
-                                                  (64, 4, 1, 3, 1, (0, 3)), (128, 1, 3, 1, 17, (4, 0, 2))])
+                                                  (64, 4, 1, 3, 1, (0, 3)), (128, 1, 3, 1, 17, (4, 0, 2)),
+                                                  (64, 2, 3, 33, 2, (4, 64, 40)), (128, 1, 4, 17, 9, (0, 70))])
 def test_turbo_attention_matches_the_torch_op(label, D, H, g, L, groups, exact, one_thread):
     """Any GQA ratio (1, 3, 4), head_dim 64/128, decode (L=1) and chunks with the causal mask on the exact part,
-    token counts that are not a block multiple (the kernel splits compressed tokens in blocks of 256)."""
+    token counts that are not a block multiple (the kernel splits compressed tokens in blocks of 256), 3 or 12 query
+    rows (decode steps, a short chunk) and 99 or 68 (a question's chunk: several columns of 8 in the tables)."""
     assert g * L <= native.MAX_ROWS  # the kernel's own path, not the torch fallback
     args, gen = layer_args(SETTINGS[label], D, H, groups, seed=D + g + L)
     ek, ev = exact_parts(gen, H, D, L, exact)

@@ -36,10 +36,11 @@ SOURCES = [HERE / "qjl_cpu.c", HERE / "qjl_cpu_sketch.c"]  # compiled together; 
 HEADER = HERE / "qjl_cpu.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 MAX_PARTS = 2
-# Query rows (GQA group x chunk) the kernel takes: decode steps. Measured on cpu-2 (one thread, 3 KV heads of
-# 64, 2k and 8k tokens): 1.8-4x faster than the torch code at 3 rows, even at 12, slower from 24 (chunks of
-# question tokens), where torch's batched matmuls do better.
-MAX_ROWS = 12
+# Query rows (GQA group x chunk) the kernel takes: decode steps and question chunks up to the dense path's 64
+# queries (qjl/ops/dense.py) at GQA 4. With the key tables laid out [entry][row] (one look-up adds 8 rows) it
+# measured 0.37x the torch code's time at 3 rows and 0.65-0.99x from 12 to 189 rows (one thread, 3 KV heads of
+# 64, 4k-8k tokens; BENCHMARKS.md "CPU kernels").
+MAX_ROWS = 256
 MAX_HEAD_DIM = 512  # the kernel's per-token buffers (qjl_cpu.c compressed_block)
 MAX_CHANNELS = 64
 

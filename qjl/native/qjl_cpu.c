@@ -73,8 +73,9 @@ typedef struct {
 static int part_entries(int bits) { return bits == 3 ? 64 : 256; }
 static int part_slots(int bits, int len) { return bits == 3 ? len / 2 : len * bits / 8; }
 
-/* The per-row key tables of one KV head: for each part, slots x entries floats, built from the rotated query. */
-static void build_tables(const turbo_args *a, const float *qr, float *tab) {
+/* The key tables of one query row of a KV head, laid out [entry][Rp] (this row's column): for each part,
+ * slots x entries, built from the rotated query. Entry index e = part offset + slot * entries + code. */
+static void build_tables(const turbo_args *a, const float *qr, float *tab, int Rp, int row) {
     int off = 0, coord = 0;
     for (int p = 0; p < a->nkp; p++) {
         const int bits = a->kbits[p], len = a->klen[p];
@@ -82,19 +83,33 @@ static void build_tables(const turbo_args *a, const float *qr, float *tab) {
         const float *x = qr + coord;
         if (bits == 3) {
             for (int i = 0; i < len / 2; i++)
-                for (int w = 0; w < 64; w++) tab[off + i * 64 + w] = x[2 * i] * c[w & 7] + x[2 * i + 1] * c[w >> 3];
+                for (int w = 0; w < 64; w++)
+                    tab[(int64_t)(off + i * 64 + w) * Rp + row] = x[2 * i] * c[w & 7] + x[2 * i + 1] * c[w >> 3];
         } else {
             const int per = 8 / bits, mask = (1 << bits) - 1;
             for (int i = 0; i < len / per; i++)
                 for (int byte = 0; byte < 256; byte++) {
                     float s = 0.f;
                     for (int k = 0; k < per; k++) s += x[i * per + k] * c[(byte >> (k * bits)) & mask];
-                    tab[off + i * 256 + byte] = s;
+                    tab[(int64_t)(off + i * 256 + byte) * Rp + row] = s;
                 }
         }
         off += part_slots(bits, len) * part_entries(bits);
         coord += len;
     }
+}
+
+/* Table slots of a token: one per pair of 3-bit codes, one per byte otherwise. */
+static int total_slots(const turbo_args *a) {
+    int n = 0;
+    for (int p = 0; p < a->nkp; p++) n += part_slots(a->kbits[p], a->klen[p]);
+    return n;
+}
+
+static int table_entries(const turbo_args *a) {
+    int n = 0;
+    for (int p = 0; p < a->nkp; p++) n += part_slots(a->kbits[p], a->klen[p]) * part_entries(a->kbits[p]);
+    return n;
 }
 
 /* The table slots a token's key codes pick: one per pair of 3-bit codes, one per byte otherwise. */
@@ -145,39 +160,58 @@ static inline void value_decode(const turbo_args *a, int64_t bh, int64_t t, floa
     }
 }
 
-/* One block of compressed tokens of one KV head: (max, sum, acc) per row, acc in rotated space.
- * Each token's codes are decoded once (key table slots and outlier codes token-minor, so the per-row sums run
- * over tokens and vectorise as gathers; values into a [tokens, D] tile), then every row reads them. */
-static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs, int tab_size, const float *qsel,
-                             int64_t t0, int64_t t1, float *m, float *s, float *acc) {
-    const int R = a->R, D = a->D, r = a->r, n = (int)(t1 - t0), TB = TOKEN_BLOCK;
-    int max_slots = 0;
-    for (int p = 0; p < a->nkp; p++) max_slots += part_slots(a->kbits[p], a->klen[p]);
-    int32_t *slot = malloc(sizeof(int32_t) * max_slots * TB);
+/* The key part of the scores of n tokens, times their norms: logit[row * TOKEN_BLOCK + k]. slot [n][ns]: the
+ * entries each token picks; tab [entries][Rp]: one look-up adds 8 rows, four tokens at a time so four
+ * independent sums hide the latency of each add. lt: room for n x Rp floats. */
+static void key_logits(const float *tab, int Rp, int R, const int32_t *slot, int ns, int n, const float *norm,
+                       float *lt, float *logit) {
+    for (int c = 0; c < Rp; c += 8) {
+        const float *tc = tab + c;
+        int k = 0;
+        for (; k + 4 <= n; k += 4) {
+            const int32_t *s0 = slot + (int64_t)k * ns, *s1 = s0 + ns, *s2 = s1 + ns, *s3 = s2 + ns;
+            v8f x0 = {0}, x1 = {0}, x2 = {0}, x3 = {0};
+            for (int i = 0; i < ns; i++) {
+                x0 += *(const v8f *)(tc + (int64_t)s0[i] * Rp);
+                x1 += *(const v8f *)(tc + (int64_t)s1[i] * Rp);
+                x2 += *(const v8f *)(tc + (int64_t)s2[i] * Rp);
+                x3 += *(const v8f *)(tc + (int64_t)s3[i] * Rp);
+            }
+            *(v8f *)(lt + (int64_t)k * Rp + c) = x0;
+            *(v8f *)(lt + (int64_t)(k + 1) * Rp + c) = x1;
+            *(v8f *)(lt + (int64_t)(k + 2) * Rp + c) = x2;
+            *(v8f *)(lt + (int64_t)(k + 3) * Rp + c) = x3;
+        }
+        for (; k < n; k++) {
+            const int32_t *sk = slot + (int64_t)k * ns;
+            v8f x = {0};
+            for (int i = 0; i < ns; i++) x += *(const v8f *)(tc + (int64_t)sk[i] * Rp);
+            *(v8f *)(lt + (int64_t)k * Rp + c) = x;
+        }
+    }
+    for (int k = 0; k < n; k++)
+        for (int row = 0; row < R; row++) logit[row * TOKEN_BLOCK + k] = lt[(int64_t)k * Rp + row] * norm[k];
+}
+
+/* One block of compressed tokens of one KV head: (max, sum, acc) per row, acc in rotated space. Each token's
+ * codes are decoded once (its key table slots; its value into a [tokens, D] tile), then every row reads them. */
+static void compressed_block(const turbo_args *a, int64_t bh, const float *tab, const float *qsel, int64_t t0,
+                             int64_t t1, float *m, float *s, float *acc) {
+    const int R = a->R, D = a->D, r = a->r, n = (int)(t1 - t0), TB = TOKEN_BLOCK, Rp = padded_rows(R);
+    const int ns = total_slots(a);
+    int32_t *slot = malloc(sizeof(int32_t) * ns * TB);
     float *code = malloc(sizeof(float) * (r ? r : 1) * TB);
-    float *logit = malloc(sizeof(float) * R * TB);
+    float *logit = malloc(sizeof(float) * R * TB), *lt = malloc(sizeof(float) * TB * Rp);
     float *vdec = malloc(sizeof(float) * TB * D);
     float norm[TOKEN_BLOCK], vn[TOKEN_BLOCK];
-    int tmp[512];
-    int ns = 0;
     for (int k = 0; k < n; k++) {
         const int64_t t = t0 + k;
-        ns = key_slots(a, bh, t, tmp);
-        for (int i = 0; i < ns; i++) slot[i * TB + k] = tmp[i];
+        key_slots(a, bh, t, slot + (int64_t)k * ns);
         norm[k] = h2f(a->knorms[bh * a->T + t]);
         vn[k] = h2f(a->vnorms[bh * a->T + t]);
         value_decode(a, bh, t, vdec + (int64_t)k * D);
     }
-    for (int row = 0; row < R; row++) {
-        float *l = logit + row * TB;
-        const float *tab = tabs + (int64_t)row * tab_size;
-        for (int k = 0; k < n; k++) l[k] = 0.f;
-        for (int i = 0; i < ns; i++) {
-            const int32_t *si = slot + i * TB;
-            for (int k = 0; k < n; k++) l[k] += tab[si[k]];
-        }
-        for (int k = 0; k < n; k++) l[k] *= norm[k];
-    }
+    key_logits(tab, Rp, R, slot, ns, n, norm, lt, logit);
     if (r) {
         const outlier_rows o = {a->ocodes, a->oscales, a->omins, r, a->obits, a->G, a->T};
         outlier_codes(&o, bh, t0, n, code);
@@ -194,7 +228,7 @@ static void compressed_block(const turbo_args *a, int64_t bh, const float *tabs,
             for (int d = 0; d < D; d++) o[d] += w * y[d];
         }
     }
-    free(slot); free(code); free(logit); free(vdec);
+    free(slot); free(code); free(logit); free(lt); free(vdec);
 }
 
 /* Merge the blocks, rotate back, add the exact tokens: out rows of one KV head. */
@@ -219,10 +253,12 @@ static void finish_head(const turbo_args *a, int64_t bh, int nblocks, const floa
     free(logit);
 }
 
-/* The rotated query rows of a head (and their channels kept apart), then the key tables. */
-static void prepare_head(const turbo_args *a, int64_t bh, float *tabs, int tab_size, float *qsel) {
-    const int R = a->R, D = a->D, dim = a->dim;
+/* The rotated query rows of a head (and their channels kept apart), then its key tables [entries][Rp]. */
+static void prepare_head(const turbo_args *a, int64_t bh, float *tab, int entries, float *qsel) {
+    const int R = a->R, D = a->D, dim = a->dim, Rp = padded_rows(R);
     float *x = malloc(sizeof(float) * dim), *qr = malloc(sizeof(float) * dim);
+    for (int e = 0; e < entries; e++)  /* the padding rows: zeros */
+        for (int r = R; r < Rp; r++) tab[(int64_t)e * Rp + r] = 0.f;
     for (int r = 0; r < R; r++) {
         const float *qv = a->q + (bh * R + r) * D;
         for (int i = 0; i < dim; i++) x[i] = a->r ? qv[a->rest[bh * dim + i]] : qv[i];
@@ -233,7 +269,7 @@ static void prepare_head(const turbo_args *a, int64_t bh, float *tabs, int tab_s
             for (int k = 0; k < dim; k++) acc += x[k] * row[k];
             qr[i] = acc;
         }
-        build_tables(a, qr, tabs + (int64_t)r * tab_size);
+        build_tables(a, qr, tab, Rp, r);
     }
     free(x);
     free(qr);
@@ -243,10 +279,10 @@ int qjl_turbo_attention(turbo_args *a, int threads) {
     const int64_t heads = (int64_t)a->B * a->H;
     const int R = a->R, D = a->D;
     if (a->nkp < 1 || a->nkp > MAX_PARTS || a->nvp < 1 || a->nvp > MAX_PARTS || a->T < 1 || R < 1) return 1;
-    int tab_size = 0;
-    for (int p = 0; p < a->nkp; p++) tab_size += part_slots(a->kbits[p], a->klen[p]) * part_entries(a->kbits[p]);
+    const int entries = table_entries(a);
+    const int64_t tab_size = (int64_t)entries * padded_rows(R);
     const int nblocks = (int)((a->T + TOKEN_BLOCK - 1) / TOKEN_BLOCK);
-    float *tabs = malloc(sizeof(float) * heads * R * tab_size);
+    float *tabs = malloc(sizeof(float) * heads * tab_size);
     float *qsel = malloc(sizeof(float) * heads * R * (a->r ? a->r : 1));
     float *m = malloc(sizeof(float) * heads * nblocks * R);
     float *s = malloc(sizeof(float) * heads * nblocks * R);
@@ -259,13 +295,13 @@ int qjl_turbo_attention(turbo_args *a, int threads) {
     {
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < heads; bh++)
-            prepare_head(a, bh, tabs + bh * R * tab_size, tab_size, qsel + bh * R * (a->r ? a->r : 1));
+            prepare_head(a, bh, tabs + bh * tab_size, entries, qsel + bh * R * (a->r ? a->r : 1));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < heads * nblocks; task++) {
             const int64_t bh = task / nblocks, blk = task % nblocks;
             const int64_t t0 = blk * TOKEN_BLOCK, t1 = t0 + TOKEN_BLOCK < a->T ? t0 + TOKEN_BLOCK : a->T;
-            compressed_block(a, bh, tabs + bh * R * tab_size, tab_size, qsel + bh * R * (a->r ? a->r : 1), t0, t1,
-                             m + task * R, s + task * R, acc + task * R * D);
+            compressed_block(a, bh, tabs + bh * tab_size, qsel + bh * R * (a->r ? a->r : 1), t0, t1, m + task * R,
+                             s + task * R, acc + task * R * D);
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < heads; bh++)

@@ -19,6 +19,11 @@ typedef _Float16 half_t;
 
 static inline float h2f(half_t h) { return (float)h; }
 
+/* Eight floats at any address (GCC/Clang vector extension): one look-up in a [entry][row] table adds 8 query
+ * rows. Tables hold the rows padded to a multiple of 8 (the padding rows are zeros). */
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+static inline int padded_rows(int R) { return (R + 7) / 8 * 8; }
+
 /* Channels kept apart, as rows [B,H,NG*r] of G codes at `bits` bits (ordered by token group, then channel),
  * with an fp16 scale and minimum per row. */
 typedef struct {

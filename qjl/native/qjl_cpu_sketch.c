@@ -35,8 +35,6 @@ typedef struct {
     float *out;                      /* [B,H,R,D] */
 } sketch_args;
 
-static int padded_rows(int R) { return (R + 7) / 8 * 8; }
-
 /* Per query row of head bh: its kept channels (qsel [R, r]), <q, mean> (qmean [R]), and the sign tables
  * tab [m/8][256][Rp]: entry (i, b, row) = sum_j (+1 if bit j of b else -1) (S q')_{8i+j}. */
 static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *qsel, float *qmean) {
@@ -73,9 +71,6 @@ static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *
     }
     free(qs);
 }
-
-/* Eight floats at any address (GCC/Clang vector extension): one look-up adds 8 query rows. */
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
 
 /* The sign part of the scores, times c ||k_in||: logit[row * TOKEN_BLOCK + k] for the n tokens from t0. Four
  * tokens at a time, so four independent sums hide the latency of each add. lt: room for n x Rp floats. */
