@@ -160,35 +160,50 @@ static inline void value_decode(const turbo_args *a, int64_t bh, int64_t t, floa
     }
 }
 
+/* Rows of the turbo key tables: padded to 4 for a decode step of up to 4 rows (tables half the size of 8-row
+ * ones, so a head's stay in L1), else to a multiple of 8. */
+typedef float v4f __attribute__((vector_size(16), aligned(4)));
+static inline int table_rows(int R) { return R <= 4 ? 4 : padded_rows(R); }
+
 /* The key part of the scores of n tokens, times their norms: logit[row * TOKEN_BLOCK + k]. slot [n][ns]: the
- * entries each token picks; tab [entries][Rp]: one look-up adds 8 rows, four tokens at a time so four
- * independent sums hide the latency of each add. lt: room for n x Rp floats. */
+ * entries each token picks; tab [entries][Rp]: one look-up adds a column of W rows (vector type V), four tokens
+ * at a time so four independent sums hide the latency of each add. lt: room for n x Rp floats. */
+#define KEY_LOGITS(NAME, V, W)                                                                                    \
+    static void NAME(const float *tab, int Rp, const int32_t *slot, int ns, int n, float *lt) {                \
+        for (int c = 0; c < Rp; c += W) {                                                                         \
+            const float *tc = tab + c;                                                                            \
+            int k = 0;                                                                                            \
+            for (; k + 4 <= n; k += 4) {                                                                          \
+                const int32_t *s0 = slot + (int64_t)k * ns, *s1 = s0 + ns, *s2 = s1 + ns, *s3 = s2 + ns;          \
+                V x0 = {0}, x1 = {0}, x2 = {0}, x3 = {0};                                                         \
+                for (int i = 0; i < ns; i++) {                                                                    \
+                    x0 += *(const V *)(tc + (int64_t)s0[i] * Rp);                                                 \
+                    x1 += *(const V *)(tc + (int64_t)s1[i] * Rp);                                                 \
+                    x2 += *(const V *)(tc + (int64_t)s2[i] * Rp);                                                 \
+                    x3 += *(const V *)(tc + (int64_t)s3[i] * Rp);                                                 \
+                }                                                                                                 \
+                *(V *)(lt + (int64_t)k * Rp + c) = x0;                                                            \
+                *(V *)(lt + (int64_t)(k + 1) * Rp + c) = x1;                                                      \
+                *(V *)(lt + (int64_t)(k + 2) * Rp + c) = x2;                                                      \
+                *(V *)(lt + (int64_t)(k + 3) * Rp + c) = x3;                                                      \
+            }                                                                                                     \
+            for (; k < n; k++) {                                                                                  \
+                const int32_t *sk = slot + (int64_t)k * ns;                                                       \
+                V x = {0};                                                                                        \
+                for (int i = 0; i < ns; i++) x += *(const V *)(tc + (int64_t)sk[i] * Rp);                         \
+                *(V *)(lt + (int64_t)k * Rp + c) = x;                                                             \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+KEY_LOGITS(key_sums4, v4f, 4)
+KEY_LOGITS(key_sums8, v8f, 8)
+
 static void key_logits(const float *tab, int Rp, int R, const int32_t *slot, int ns, int n, const float *norm,
                        float *lt, float *logit) {
-    for (int c = 0; c < Rp; c += 8) {
-        const float *tc = tab + c;
-        int k = 0;
-        for (; k + 4 <= n; k += 4) {
-            const int32_t *s0 = slot + (int64_t)k * ns, *s1 = s0 + ns, *s2 = s1 + ns, *s3 = s2 + ns;
-            v8f x0 = {0}, x1 = {0}, x2 = {0}, x3 = {0};
-            for (int i = 0; i < ns; i++) {
-                x0 += *(const v8f *)(tc + (int64_t)s0[i] * Rp);
-                x1 += *(const v8f *)(tc + (int64_t)s1[i] * Rp);
-                x2 += *(const v8f *)(tc + (int64_t)s2[i] * Rp);
-                x3 += *(const v8f *)(tc + (int64_t)s3[i] * Rp);
-            }
-            *(v8f *)(lt + (int64_t)k * Rp + c) = x0;
-            *(v8f *)(lt + (int64_t)(k + 1) * Rp + c) = x1;
-            *(v8f *)(lt + (int64_t)(k + 2) * Rp + c) = x2;
-            *(v8f *)(lt + (int64_t)(k + 3) * Rp + c) = x3;
-        }
-        for (; k < n; k++) {
-            const int32_t *sk = slot + (int64_t)k * ns;
-            v8f x = {0};
-            for (int i = 0; i < ns; i++) x += *(const v8f *)(tc + (int64_t)sk[i] * Rp);
-            *(v8f *)(lt + (int64_t)k * Rp + c) = x;
-        }
-    }
+    if (Rp == 4)
+        key_sums4(tab, Rp, slot, ns, n, lt);
+    else
+        key_sums8(tab, Rp, slot, ns, n, lt);
     for (int k = 0; k < n; k++)
         for (int row = 0; row < R; row++) logit[row * TOKEN_BLOCK + k] = lt[(int64_t)k * Rp + row] * norm[k];
 }
@@ -197,7 +212,7 @@ static void key_logits(const float *tab, int Rp, int R, const int32_t *slot, int
  * codes are decoded once (its key table slots; its value into a [tokens, D] tile), then every row reads them. */
 static void compressed_block(const turbo_args *a, int64_t bh, const float *tab, const float *qsel, int64_t t0,
                              int64_t t1, float *m, float *s, float *acc) {
-    const int R = a->R, D = a->D, r = a->r, n = (int)(t1 - t0), TB = TOKEN_BLOCK, Rp = padded_rows(R);
+    const int R = a->R, D = a->D, r = a->r, n = (int)(t1 - t0), TB = TOKEN_BLOCK, Rp = table_rows(R);
     const int ns = total_slots(a);
     int32_t *slot = malloc(sizeof(int32_t) * ns * TB);
     float *code = malloc(sizeof(float) * (r ? r : 1) * TB);
@@ -255,7 +270,7 @@ static void finish_head(const turbo_args *a, int64_t bh, int nblocks, const floa
 
 /* The rotated query rows of a head (and their channels kept apart), then its key tables [entries][Rp]. */
 static void prepare_head(const turbo_args *a, int64_t bh, float *tab, int entries, float *qsel) {
-    const int R = a->R, D = a->D, dim = a->dim, Rp = padded_rows(R);
+    const int R = a->R, D = a->D, dim = a->dim, Rp = table_rows(R);
     float *x = malloc(sizeof(float) * dim), *qr = malloc(sizeof(float) * dim);
     for (int e = 0; e < entries; e++)  /* the padding rows: zeros */
         for (int r = R; r < Rp; r++) tab[(int64_t)e * Rp + r] = 0.f;
@@ -280,7 +295,7 @@ int qjl_turbo_attention(turbo_args *a, int threads) {
     const int R = a->R, D = a->D;
     if (a->nkp < 1 || a->nkp > MAX_PARTS || a->nvp < 1 || a->nvp > MAX_PARTS || a->T < 1 || R < 1) return 1;
     const int entries = table_entries(a);
-    const int64_t tab_size = (int64_t)entries * padded_rows(R);
+    const int64_t tab_size = (int64_t)entries * table_rows(R);
     const int nblocks = (int)((a->T + TOKEN_BLOCK - 1) / TOKEN_BLOCK);
     float *tabs = malloc(sizeof(float) * heads * tab_size);
     float *qsel = malloc(sizeof(float) * heads * R * (a->r ? a->r : 1));
