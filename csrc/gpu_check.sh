@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the kernels, run every GPU test, the self-test cases under compute-sanitizer memcheck,
-# `qjl kernels check`, the attention benchmark and `qjl bench --shape llama-3.1-8b`; logs under $OUT (default ./gpu-check-out).
+# `qjl kernels check`, the attention benchmark and `qjl bench --shape llama-3.1-8b` (whole on the GPU, and with
+# half its layers offloaded to the CPU); logs under $OUT (default ./gpu-check-out).
 #
 #   csrc/gpu_check.sh              # everything (about 10 minutes on an H100, most of it the first build)
 #   csrc/gpu_check.sh tests        # build + GPU tests + sanitizer only
@@ -39,6 +40,11 @@ if [ "$what" = "all" ]; then
   step model-bench qjl bench --shape llama-3.1-8b --context 4k,16k --modes turbo,qjl,exact --repeat 3 \
     --json "$OUT/bench-8b.json" > "$OUT/bench-8b.log" 2>&1
   python scripts/bench_markdown.py "$OUT/bench-8b.json" > "$OUT/bench-8b.md" 2>&1; cat "$OUT/bench-8b.md"
+  # issue 15: the same shape with about half its layers offloaded to CPU memory by accelerate, against the GPU
+  step split-bench qjl bench --shape llama-3.1-8b --context 16k --modes turbo,exact --repeat 1 \
+    --max-memory "0=9GiB,cpu=64GiB" --json "$OUT/bench-8b-split.json" > "$OUT/bench-8b-split.log" 2>&1
+  python scripts/bench_markdown.py "$OUT/bench-8b-split.json" > "$OUT/bench-8b-split.md" 2>&1
+  cat "$OUT/bench-8b-split.md"
 fi
 echo "gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED); logs in $OUT"
 exit $status
