@@ -60,6 +60,23 @@ def test_vq_nearest_picks_the_same_codes():
     assert torch.equal(got, vq_nearest._init_fn(y, cb))
 
 
+@pytest.mark.parametrize("K,C", [(13, 4), (256, 2), (100, 8), (1, 4)])
+def test_vq_nearest_on_any_codebook_size_and_ties_pick_the_first(K, C):
+    """Codebooks that are not a multiple of the kernel's 8 lanes, and repeated codewords: the lowest index wins,
+    as torch's argmax picks it."""
+    gen = torch.Generator().manual_seed(K + C)
+    cb = torch.randn(K, C, generator=gen)
+    y = torch.randn(4, 6 * C, generator=gen)
+    if K > 8:
+        cb[K - 1] = cb[2]  # a tie across lanes: index 2 must win
+        cb[9] = cb[1]
+        y = torch.cat([y, cb[[2, 1, K - 1, 9, 2, 1]].reshape(1, 6 * C)])
+    got = native.vq_nearest_cpu(y, cb)
+    assert torch.equal(got, vq_nearest._init_fn(y, cb))
+    if K > 8:
+        assert got[-1].tolist() == [2, 1, 2, 1, 2, 1]
+
+
 def test_the_ops_dispatch_to_the_kernels_on_cpu(monkeypatch):
     calls = []
     monkeypatch.setattr(native, "library", lambda: calls.append(1) or None)  # seen, then the torch code

@@ -10,6 +10,21 @@
 
 #define MAX_PARTS 2
 
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+/* a * b + c rounded once, lane by lane (the fused multiply-add a matmul's inner loop does). */
+static inline v8f fma8(float a, v8f b, v8f c) {
+#if defined(__FMA__)
+    return (v8f)_mm256_fmadd_ps(_mm256_set1_ps(a), (__m256)b, (__m256)c);
+#else
+    v8f r;
+    for (int l = 0; l < 8; l++) r[l] = fmaf(a, b[l], c[l]);
+    return r;
+#endif
+}
+
 /* --- vq_nearest: argmax_c <g, c> - |c|^2 / 2 over K codewords of dimension C, for n groups -----------
  * half_norm[k] = |c_k|^2 / 2 comes from the caller (torch computes it, as the torch op does), and each dot
  * product is summed in coordinate order with fused multiply-adds, as a matmul's inner loop does, so the scores
@@ -17,27 +32,36 @@
 int qjl_vq_nearest(int64_t n, int C, int K, const float *y, const float *codebook, const float *half_norm,
                    uint8_t *out, int threads) {
     if (C <= 0 || C > 8 || K <= 0 || K > 256) return 1;
-    float *cbt = malloc(sizeof(float) * C * K); /* transposed [C][K]: the K scores of a group vectorise */
+    /* Transposed [C][Kp], K padded to a multiple of 8 with codewords that never win (a half norm of +inf), so
+     * every codeword's score is computed by the same vector code: equal codewords tie exactly. */
+    const int Kp = (K + 7) / 8 * 8;
+    float *cbt = calloc((size_t)C * Kp + Kp, sizeof(float)), *hn = cbt + (size_t)C * Kp;
     if (!cbt) return 2;
     for (int k = 0; k < K; k++)
-        for (int c = 0; c < C; c++) cbt[c * K + k] = codebook[k * C + c];
+        for (int c = 0; c < C; c++) cbt[c * Kp + k] = codebook[k * C + c];
+    for (int k = 0; k < Kp; k++) hn[k] = k < K ? half_norm[k] : INFINITY;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        float dot[256];
+        /* Eight codewords at a time: their scores in a vector register (multiply-adds in coordinate order),
+         * each lane keeping its own first best (compares and blends); then the best lane, the lowest index
+         * among equal scores. */
         const float *g = y + i * C;
-        for (int k = 0; k < K; k++) dot[k] = g[0] * cbt[k];
-        for (int c = 1; c < C; c++) {
-            const float gc = g[c];
-            const float *row = cbt + c * K;
-            for (int k = 0; k < K; k++) dot[k] = fmaf(gc, row[k], dot[k]);
+        v8f top = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        v8i at = {K, K, K, K, K, K, K, K}, idx = {0, 1, 2, 3, 4, 5, 6, 7};
+        const v8i eight = {8, 8, 8, 8, 8, 8, 8, 8};
+        for (int k = 0; k < Kp; k += 8, idx += eight) {
+            v8f dot = g[0] * *(const v8f *)(cbt + k);
+            for (int c = 1; c < C; c++) dot = fma8(g[c], *(const v8f *)(cbt + c * Kp + k), dot);
+            const v8f score = dot - *(const v8f *)(hn + k);
+            const v8i gt = score > top;
+            top = (v8f)(((v8i)score & gt) | ((v8i)top & ~gt));
+            at = (idx & gt) | (at & ~gt);
         }
-        int best = 0;
-        float top = dot[0] - half_norm[0];
-        for (int k = 1; k < K; k++) {
-            const float score = dot[k] - half_norm[k];
-            if (score > top) { top = score; best = k; }
-        }
-        out[i] = (uint8_t)best;
+        int best = K;
+        float best_score = -INFINITY;
+        for (int l = 0; l < 8; l++)
+            if (top[l] > best_score || (top[l] == best_score && at[l] < best)) { best_score = top[l]; best = at[l]; }
+        out[i] = (uint8_t)(best < K ? best : 0);
     }
     free(cbt);
     return 0;

@@ -22,6 +22,7 @@ static inline float h2f(half_t h) { return (float)h; }
 /* Eight floats at any address (GCC/Clang vector extension): one look-up in a [entry][row] table adds 8 query
  * rows. Tables hold the rows padded to a multiple of 8 (the padding rows are zeros). */
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
 static inline int padded_rows(int R) { return (R + 7) / 8 * 8; }
 
 /* Channels kept apart, as rows [B,H,NG*r] of G codes at `bits` bits (ordered by token group, then channel),
