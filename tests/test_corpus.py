@@ -96,7 +96,7 @@ def test_quality_per_text(loaded, one_thread):
     from qjl.bench.runner import BenchSettings, Target, _text_quality
 
     settings = BenchSettings(contexts=[288], modes=["turbo", "exact"], quality=True, texts=["docs", "numbers"],
-                             score_from=256)
+                             score_from=256, quality_chunk=96)  # 3 passes a text, not 9
     target = Target(loaded.model, loaded.name, loaded, loaded.context_length, loaded.model.device,
                     loaded.model.dtype)
 
