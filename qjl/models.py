@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import platformdirs
-
 from .errors import ModelError  # noqa: F401 - re-exported
+from .home import qjl_home  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -73,12 +72,6 @@ class LoadedModel:
         from .placement import layer_counts
 
         return layer_counts(self.layer_devices)
-
-
-def qjl_home() -> Path:
-    """Where converted models (and later caches) live: QJL_HOME, else the user cache dir."""
-    env = os.environ.get("QJL_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("qjl"))
 
 
 def embedded_gguf_path() -> Path:

@@ -21,7 +21,7 @@ from rich.console import Console
 from qjl.config import QJLConfig
 from qjl.errors import CacheFileError, QJLError
 
-from . import autocache, progress, render, seams
+from . import autocache, client, progress, render, seams
 from .questions import Source, questions_for
 from .repl import interactive
 
@@ -52,6 +52,8 @@ DEFAULT_CONTEXT_HINT = 131072
 def check_environment(reply: Reply) -> Optional[int]:
     """Before anything slow: stdout can take the answers, and --max-new-tokens is below the model's context
     (when it can be read without loading the model) -> that context, or None."""
+    if reply.source is Source.INTERACTIVE:
+        client.refuse_interactive()  # under `qjl serve`: the client runs it, with the terminal's foreground
     if _stdout_closed():
         raise QJLError("stdout is closed, so the answers have nowhere to go; run without closing it (>&-), or "
                        "redirect it to a file or /dev/null")

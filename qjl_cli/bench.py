@@ -55,7 +55,7 @@ Examples:
 
 MODES_HELP = """\
 Modes: turbo (qjl's default), turbo-2.5 (turbo at about 2.5 bits; only when named), qjl (the paper's 1-bit keys), exact (transformers' ordinary cache: the
-reference), quanto-4bit, quanto-2bit, hqq-4bit (transformers' QuantizedCache; pip install 'qjl\[peers]'),
+reference), quanto-4bit, quanto-2bit, hqq-4bit (transformers' QuantizedCache; pip install 'qjl\\[peers]'),
 hqq-2bit (only when named). A peer that is not installed is a skipped row."""
 
 

@@ -96,6 +96,18 @@ def terminated() -> bool:
     return _terminated
 
 
+def mark_terminated() -> None:
+    """A SIGTERM that reached the command another way (`qjl serve` relays its client's)."""
+    global _terminated
+    _terminated = True
+
+
+def reset_terminated() -> None:
+    """Before each command `qjl serve` runs: the last one's SIGTERM is not this one's."""
+    global _terminated
+    _terminated = False
+
+
 def interrupt_code() -> ExitCode:
     return ExitCode.TERMINATED if _terminated else ExitCode.INTERRUPTED
 

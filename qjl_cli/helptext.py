@@ -10,6 +10,7 @@ Environment:
   QJL_HOME        where converted models and cached documents live
   QJL_CACHE       0: no automatic document cache (as --no-cache everywhere)
   QJL_CACHE_MAX   the automatic cache's cap, e.g. 500M (default 2G)
+  QJL_SERVER      0: run alone even when `qjl serve` is running
   QJL_NATIVE      0: no compiled CPU kernels (the torch code runs)
   QJL_KERNELS     0: no CUDA kernels (the torch code runs on the GPU)
   HF_HUB_OFFLINE  1: never use the network for models

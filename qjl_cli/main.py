@@ -21,7 +21,7 @@ from qjl.config import QJLConfig
 from qjl.documents import max_chars_for
 from qjl.placement import make_placement
 
-from . import bench, cachestore, helptext, kernels, options, progress, render, seams
+from . import bench, cachestore, helptext, kernels, options, progress, render, seams, server
 from .answers import DEFAULT_CONTEXT_HINT, Reply, answer_cache, answer_documents, check_writable, inspect_cache
 from .errors import ExitCode, QJLGroup, handle_sigterm, interrupt_code, interrupted, user_errors
 from .options import KVMode
@@ -181,6 +181,7 @@ def cache_load(
 # --- commands from other modules: each adds itself with `module.register(app)` (a typer.Typer) ----------
 bench.register(app)
 kernels.register(app)
+server.register(app)
 
 
 def run() -> None:

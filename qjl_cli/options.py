@@ -97,3 +97,6 @@ MaxMemory = Annotated[Optional[str], typer.Option(
     help="Most memory accelerate may use on each device, e.g. 0=20GiB,1=20GiB,cpu=64GiB (or set QJL_MAX_MEMORY); "
          "implies "
          "--device-map auto. A model and document that cannot fit are refused before loading.")]
+Idle = Annotated[Optional[str], typer.Option(
+    "--idle", metavar="DURATION", show_default=False,
+    help="Stop after this long without a command (90s, 30m, 2h). Default: run until Ctrl-C or SIGTERM.")]
