@@ -126,10 +126,16 @@ def handle(conn: socket.socket, say) -> None:
     done = threading.Event()
     threading.Thread(target=_relay_signals, args=(conn, done), daemon=True).start()
     try:
+        if not os.path.isdir(request["cwd"]):  # a folder this process cannot enter: the client runs it itself
+            raise client.RunLocally
         with _as_client(request, fds):
             code = run_command(request["argv"])
+    except client.RunLocally:
+        code = client.LOCAL
     finally:
         done.set()
+        for fd in fds:
+            _close(fd)
     try:
         conn.sendall(struct.pack(">i", code))
     except OSError:
@@ -153,7 +159,23 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
         if not chunk:
             raise ValueError("request cut short")
         body += chunk
-    return json.loads(body), fds
+    try:
+        request = json.loads(body)
+        if not (isinstance(request.get("argv"), list) and all(isinstance(a, str) for a in request["argv"])
+                and isinstance(request.get("cwd"), str) and isinstance(request.get("env"), dict)):
+            raise ValueError("not a qjl request")
+    except (ValueError, AttributeError):
+        for fd in fds:
+            _close(fd)
+        raise ValueError("not a qjl request") from None
+    return request, fds
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:  # already closed (installed as 0-2 and closed there)
+        pass
 
 
 def _relay_signals(conn: socket.socket, done: threading.Event) -> None:
@@ -200,7 +222,6 @@ def _as_client(request: dict, fds: list[int]) -> Iterator[None]:
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     for i, fd in enumerate(fds):
         os.dup2(fd, i)
-        os.close(fd)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=streams[0].encoding, errors="replace")
     sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(i, "w", closefd=False), encoding=s.encoding,
                                                errors=s.errors, line_buffering=os.isatty(i) or i == 2,

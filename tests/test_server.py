@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,9 @@ def test_asks_run_in_the_server_on_the_client_streams_and_folder(served, tmp_pat
 
 def test_the_client_exit_code_and_one_line_error(served, tmp_path):
     home, _ = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:  # not a request: logged and dropped
+        raw.connect(str(home / client.SOCKET_NAME))
+        socket.send_fds(raw, [struct.pack(">I", 5) + b"hello"], [0, 1, 2])
     result = _ask(home, "ask", "missing.txt", "Who?", cwd=tmp_path)
     assert result.returncode == ExitCode.DOCUMENT
     assert result.stdout == "" and [line for line in result.stderr.splitlines() if "error" in line] == [
