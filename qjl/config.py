@@ -178,3 +178,21 @@ class QJLConfig:
 
     def replace(self, **changes) -> "QJLConfig":
         return dataclasses.replace(self, **changes)
+
+
+# --bits for --kv turbo: a preset's changes to the defaults. "3" is the default (about 3 bits a number, 2.9-3.1
+# everything counted); "2.5" takes the keys to 2 bits (+ the channels kept apart), about 2.5 bits a number, for the
+# longest documents, at more error (BENCHMARKS.md, "Quality per genre").
+TURBO_PRESETS: dict[str, dict] = {"3": {}, "2.5": {"turbo_key_bits": 2}}
+
+
+def config_for(kv: str, bits: str | None = None) -> QJLConfig:
+    """The config of `--kv KV [--bits BITS]`; bits only for turbo, one of TURBO_PRESETS."""
+    if bits is None:
+        return QJLConfig(kv=kv)
+    if kv != "turbo":
+        raise ConfigError(f"--bits chooses among turbo's presets; --kv {kv} has none (leave out --bits)")
+    key = bits.strip().rstrip("0").rstrip(".") if "." in bits else bits.strip()
+    if key not in TURBO_PRESETS:
+        raise ConfigError(f"--bits {bits!r}: choose one of {', '.join(TURBO_PRESETS)}")
+    return QJLConfig(kv=kv, **TURBO_PRESETS[key])

@@ -104,14 +104,21 @@ def serve(sock: socket.socket, idle: Optional[float], say) -> None:
             say(f"qjl serve: no command for {idle:.0f} s; stopping")
             return
         with conn:
-            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-            if uid != me:  # the socket's mode already refuses others; this is the second lock
+            if _peer_uid(conn) not in (None, me):  # the socket's mode already refuses others; a second lock
                 continue
             try:
                 handle(conn, say)
             except KeyboardInterrupt:  # a client's Ctrl-C that arrived as its command ended
                 pass
     raise KeyboardInterrupt  # SIGTERM during a command: stop as SIGTERM stops any command (exit 143)
+
+
+def _peer_uid(conn: socket.socket) -> Optional[int]:
+    """The connecting process's uid (Linux's SO_PEERCRED; None where the platform has no such option)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))[1]
 
 
 def handle(conn: socket.socket, say) -> None:

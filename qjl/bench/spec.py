@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..config import TURBO_PRESETS
 from ..errors import BenchError
 
 
@@ -49,7 +50,7 @@ _WINDOW = dict(q_group_size=64, residual_length=128)
 MODES: dict[str, ModeSpec] = {m.name: m for m in (
     ModeSpec("turbo", "qjl's default: rotation + Lloyd-Max codes, ~3 bits", kv="turbo"),
     ModeSpec("turbo-2.5", "turbo at about 2.5 bits: 2-bit keys (+ 8 channels apart), 2-bit values (not in the "
-             "default set)", kv="turbo", config=dict(turbo_key_bits=2), default=False),
+             "default set)", kv="turbo", config=TURBO_PRESETS["2.5"], default=False),
     ModeSpec("qjl", "the paper's 1-bit QJL keys + 2-bit values", kv="qjl"),
     ModeSpec("exact", "transformers' ordinary cache, the model's dtype (the reference)", kv="exact"),
     ModeSpec("quanto-4bit", "QuantizedCache, optimum-quanto int4, group 64, residual 128", backend="quanto",
