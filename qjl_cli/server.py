@@ -152,29 +152,32 @@ def handle(conn: socket.socket, say) -> None:
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    """(request, the client's fds 0-2); a ValueError (the fds closed) for anything that is not a qjl request."""
     data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-    if len(fds) != 3 or len(data) < 4:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("no standard streams were passed")
-    size = struct.unpack(">I", data[:4])[0]
-    if size > REQUEST_LIMIT:
-        raise ValueError("request too large")
-    body = data[4:]
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            raise ValueError("request cut short")
-        body += chunk
     try:
-        request = json.loads(body)
-        if not (isinstance(request.get("argv"), list) and all(isinstance(a, str) for a in request["argv"])
+        if len(fds) != 3 or len(data) < 4:
+            raise ValueError("no standard streams were passed")
+        size = struct.unpack(">I", data[:4])[0]
+        if size > REQUEST_LIMIT:
+            raise ValueError("request too large")
+        body = data[4:]
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                raise ValueError("request cut short")
+            body += chunk
+        try:
+            request = json.loads(body)
+        except ValueError:
+            raise ValueError("not a qjl request") from None
+        if not (isinstance(request, dict) and isinstance(request.get("argv"), list)
+                and all(isinstance(a, str) for a in request["argv"])
                 and isinstance(request.get("cwd"), str) and isinstance(request.get("env"), dict)):
             raise ValueError("not a qjl request")
-    except (ValueError, AttributeError):
+    except (ValueError, OSError):
         for fd in fds:
             _close(fd)
-        raise ValueError("not a qjl request") from None
+        raise
     return request, fds
 
 
