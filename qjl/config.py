@@ -180,19 +180,8 @@ class QJLConfig:
         return dataclasses.replace(self, **changes)
 
 
-# --bits for --kv turbo: a preset's changes to the defaults. "3" is the default (about 3 bits a number, 2.9-3.1
-# everything counted); "2.5" takes the keys to 2 bits (+ the channels kept apart), about 2.5 bits a number, for the
-# longest documents, at more error (BENCHMARKS.md, "Quality per genre").
+# Turbo presets by bits per number: a preset's changes to the defaults. "3" is the default (2.9-3.1 bits everything
+# counted); "2.5" takes the keys to 2 bits (+ the channels kept apart): 2.55 bits at 4k, the bench's turbo-2.5.
+# Not a user option: it measured x1.054-x1.184 per genre (BENCHMARKS.md, "Quality per genre"), far from the 3% a
+# second preset needs.
 TURBO_PRESETS: dict[str, dict] = {"3": {}, "2.5": {"turbo_key_bits": 2}}
-
-
-def config_for(kv: str, bits: str | None = None) -> QJLConfig:
-    """The config of `--kv KV [--bits BITS]`; bits only for turbo, one of TURBO_PRESETS."""
-    if bits is None:
-        return QJLConfig(kv=kv)
-    if kv != "turbo":
-        raise ConfigError(f"--bits chooses among turbo's presets; --kv {kv} has none (leave out --bits)")
-    key = bits.strip().rstrip("0").rstrip(".") if "." in bits else bits.strip()
-    if key not in TURBO_PRESETS:
-        raise ConfigError(f"--bits {bits!r}: choose one of {', '.join(TURBO_PRESETS)}")
-    return QJLConfig(kv=kv, **TURBO_PRESETS[key])

@@ -28,7 +28,6 @@ Examples:
   qjl ask long.txt "How does it end?" --truncate tail
   qjl ask secret.pdf "Who signed it?" --password hunter2
   qjl ask report.md "Who signed it?" -m ./SmolLM2-360M.gguf
-  qjl ask report.pdf "When?" --bits 2.5               (a smaller cache for the longest documents)
   qjl serve &                                         (later asks skip the start-up: see qjl serve --help)"""
 
 INTERACTIVE_HELP = """\

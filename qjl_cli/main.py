@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from qjl.config import config_for
+from qjl.config import QJLConfig
 from qjl.documents import max_chars_for
 from qjl.placement import make_placement
 
@@ -84,7 +84,6 @@ def ask(
     device: options.Device = None,
     device_map: options.DeviceMap = None,
     max_memory: options.MaxMemory = None,
-    bits: options.Bits = None,
 ) -> None:
     """Answer questions about the documents FILE...; answers go to stdout, progress and timings to stderr."""
     with user_errors():
@@ -95,15 +94,12 @@ def ask(
             if kv is KVMode.exact:
                 raise typer.BadParameter("a .qjl file holds a compressed cache; leave out --kv exact",
                                          param_hint="'--kv'")
-            if bits is not None:
-                raise typer.BadParameter("a .qjl file keeps the bits it was saved with; leave out --bits",
-                                         param_hint="'--bits'")
             answer_cache(files[0], reply, kv.value if kv else None)
             return
         if any(is_cache_file(f) for f in files):
             raise typer.BadParameter("a .qjl cache file is answered from on its own; give it without other "
                                      "documents", param_hint="'FILE'")
-        answer_documents(files, reply, config_for((kv or KVMode.turbo).value, bits), password, prefill_chunk,
+        answer_documents(files, reply, QJLConfig(kv=(kv or KVMode.turbo).value), password, prefill_chunk,
                          truncate.value if truncate else None, not no_cache)
 
 
@@ -131,12 +127,10 @@ def cache_save(
     device: options.Device = None,
     device_map: options.DeviceMap = None,
     max_memory: options.MaxMemory = None,
-    bits: options.Bits = None,
 ) -> None:
     """Read the document FILE once and save its compressed cache to FILE.qjl; progress and sizes on stderr."""
     with user_errors():
         placement = make_placement(device, device_map, max_memory)
-        config = config_for(kv.value, bits)
         if not output.lower().endswith(".qjl"):
             raise typer.BadParameter("end the file name with .qjl, so `qjl ask` knows it is a cache",
                                      param_hint="'--output'")
@@ -147,7 +141,7 @@ def cache_save(
         text, name = progress.read_documents([file], password, console, max_chars_for(
             seams.context_hint(model) or DEFAULT_CONTEXT_HINT))
         loaded = progress.load_model(model, console, placement, (text, kv.value))
-        session = seams.new_session(loaded, config)
+        session = seams.new_session(loaded, QJLConfig(kv=kv.value))
         stats = progress.prefill(session, text, 256, prefill_chunk, console)
         from qjl.store import describe_source
 

@@ -100,7 +100,3 @@ MaxMemory = Annotated[Optional[str], typer.Option(
 Idle = Annotated[Optional[str], typer.Option(
     "--idle", metavar="DURATION", show_default=False,
     help="Stop after this long without a command (90s, 30m, 2h). Default: run until Ctrl-C or SIGTERM.")]
-Bits = Annotated[Optional[str], typer.Option(
-    "--bits", metavar="BITS", show_default=False,
-    help="--kv turbo's bits per number: 3 (the default) or 2.5 (2-bit keys: a smaller cache for the longest "
-         "documents, at more error). A .qjl file keeps the bits it was saved with.")]

@@ -181,20 +181,10 @@ def test_empty_stdin(fake_model):
     (["--max-new-tokens", "many"], "--max-new-tokens"),
     (["--prefill-chunk", "0"], "--prefill-chunk"),
     (["--no-such-option"], "--no-such-option"),
-    (["--bits", "4"], "--bits"),
-    (["--bits", "2.5", "--kv", "qjl"], "--bits"),
 ])
 def test_bad_option_values(fake_model, doc, args, fragment):
     assert_error(invoke("ask", doc, "Who?", *args), ExitCode.USAGE, fragment)
     assert "load" not in fake_model.calls
-
-
-@pytest.mark.parametrize("bits, key_bits", [(None, 3), ("3", 3), ("2.5", 2), ("2.50", 2)])
-def test_bits_presets_reach_the_session(fake_model, doc, bits, key_bits):
-    result = invoke("ask", doc, "Who?", *(["--bits", bits] if bits else []))
-    assert result.exit_code == 0, result.stderr
-    config = fake_model.calls["session"]["config"]
-    assert config.kv == "turbo" and config.turbo_key_bits == key_bits and config.turbo_value_bits == 2
 
 
 def test_missing_question_and_empty_question(fake_model, doc):
@@ -341,7 +331,6 @@ def test_ask_and_cache_load_answer_from_a_cache_file_alike(fake_model, doc, tmp_
     assert_error(invoke("ask", out, "Who?"), ExitCode.TOO_LONG, "44 tokens")
     assert_error(invoke("cache", "load", out, "-q", "Who?"), ExitCode.TOO_LONG, "44 tokens")
     assert_error(invoke("ask", out, "Who?", "--kv", "exact"), ExitCode.USAGE, "--kv exact")
-    assert_error(invoke("ask", out, "Who?", "--bits", "2.5"), ExitCode.USAGE, "--bits")
 
 
 # --- the real embedded model --------------------------------------------------------------------------
