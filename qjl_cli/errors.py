@@ -116,8 +116,7 @@ def handle_sigterm() -> None:
     """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so every `finally` cleans up (a model conversion's temp
     folder, a cache file's temp file); the exit code is then 143."""
     def on_term(signum, frame):
-        global _terminated
-        _terminated = True
+        mark_terminated()
         raise KeyboardInterrupt
 
     try:

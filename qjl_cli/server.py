@@ -134,11 +134,10 @@ def handle(conn: socket.socket, say) -> None:
     threading.Thread(target=_relay_signals, args=(conn, done), daemon=True).start()
     try:
         if not os.path.isdir(request["cwd"]):  # a folder this process cannot enter: the client runs it itself
-            raise client.RunLocally
-        with _as_client(request, fds):
-            code = run_command(request["argv"])
-    except client.RunLocally:
-        code = client.LOCAL
+            code = client.LOCAL
+        else:
+            with _as_client(request, fds):
+                code = run_command(request["argv"])
     finally:
         done.set()
         for fd in fds:
@@ -239,8 +238,8 @@ def _as_client(request: dict, fds: list[int]) -> Iterator[None]:
                               for i, s in ((1, streams[1]), (2, streams[2])))
     try:
         os.environ.clear()
-        os.environ.update(request.get("env") or {})
-        os.chdir(request.get("cwd") or saved_cwd)
+        os.environ.update(request["env"])  # _receive checked both
+        os.chdir(request["cwd"])
         yield
     finally:
         for s in (sys.stdout, sys.stderr):
@@ -280,15 +279,15 @@ def run_command(argv: list[str]) -> int:
 
 
 # --- the command ------------------------------------------------------------------------------------------------
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
 def parse_duration(text: str) -> float:
     """'90', '90s', '30m', '2h' -> seconds (> 0)."""
     t = text.strip().lower()
-    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    unit = t[-1] if t and t[-1] in _UNITS else ""
     try:
-        seconds = float(t[:-1] if unit else t) * _UNITS[unit]
+        seconds = float(t[:-1] if unit else t) * _UNITS.get(unit, 1)
     except ValueError:
         seconds = -1
     if not seconds > 0:
@@ -317,11 +316,10 @@ def register(app) -> None:
     def serve_command(model: options.Model = None, idle: options.Idle = None, device: options.Device = None,
                       device_map: options.DeviceMap = None, max_memory: options.MaxMemory = None) -> None:
         """Keep the model loaded, and run `qjl ask` and `qjl cache save/load` of other shells here: no start-up."""
+        from qjl.errors import QJLError
         from qjl.placement import make_placement
 
         from . import progress, render
-        from qjl.errors import QJLError
-
         from .errors import user_errors
 
         with user_errors():
