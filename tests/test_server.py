@@ -186,3 +186,13 @@ def test_bad_durations(text):
 
     with pytest.raises(typer.BadParameter):
         server.parse_duration(text)
+
+
+def test_bad_idle_is_one_line_and_exit_2(qjl_home):
+    from conftest import invoke
+
+    result = invoke("serve", "--idle", "soon")
+    assert result.exit_code == ExitCode.USAGE
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qjl: error: ") and "--idle" in lines[0]
+    assert not (qjl_home / client.SOCKET_NAME).exists()  # refused before the socket or the model
