@@ -27,8 +27,9 @@ constexpr int MAX_R = 64;             // outlier channels at most
 enum KeyKind { KEY_TURBO3 = 0, KEY_SIGNS = 1 };
 // Value codes: TAB4/TAB2: a byte -> 4 or 2 numbers through a [256, PER] table (turbo vq4 / 2-bit, 4-bit);
 // TAB3: 3-bit codes, 8 in 3 bytes, through an [8] table (turbo); INT: integer codes with an fp16 scale and
-// minimum per group of channels (qjl mode), PER = 8 / bits codes a byte.
-enum ValKind { VAL_TAB4 = 0, VAL_TAB2 = 1, VAL_TAB3 = 2, VAL_INT = 3 };
+// minimum per group of channels (qjl mode), PER = 8 / bits codes a byte; TAB9: 9-bit indices into a [512, 4]
+// table (turbo vq4 at 2.25 bits), a row of n = D/4 low bytes then n/8 bytes of ninth bits.
+enum ValKind { VAL_TAB4 = 0, VAL_TAB2 = 1, VAL_TAB3 = 2, VAL_INT = 3, VAL_TAB9 = 4 };
 
 struct Params {
   int B, H, g, L, rows, D;
@@ -45,7 +46,10 @@ struct Params {
   int Tc;
   const uint8_t* kcodes;  // [B*H, Tc, kbytes]
   int kbytes;
-  const __half* knorms;  // [B*H, Tc]
+  // scales: fp16 [B*H, Tc] when ksteps is null, else uint8 codes [B*H, Tc] times fp16 steps [B*H, Tc / kgroup]
+  const void* knorms;
+  const __half* ksteps;
+  int kgroup;
   int n;                 // turbo: rotated coordinates; qjl: sketch rows m
   float kscale;          // qjl: the sign estimator's constant; turbo: 1
   const float* centroids;  // turbo: [8]
@@ -59,8 +63,10 @@ struct Params {
   // compressed values
   const uint8_t* vcodes;  // [B*H, Tc, vbytes]
   int vbytes;
-  const __half* vnorms;  // turbo: [B*H, Tc]
-  const float* vtable;   // turbo: [256 * PER] or [8]
+  const void* vnorms;  // turbo: as knorms (with vsteps, vngroup); qjl: nullptr
+  const __half* vsteps;
+  int vngroup;
+  const float* vtable;  // turbo: [256 * PER], [8] or [512 * 4]
   int vtable_len;
   const __half* vscales;  // qjl: [B*H, Tc, D / vgroup]
   const __half* vmins;
@@ -196,6 +202,16 @@ __device__ void write_partial(const Params& p, const float* out_s, const float* 
   }
 }
 
+// The scale of token t of head bh: an fp16 norm, or an 8-bit code times its group's fp16 step, the float32
+// product qjl.ops.attention.scales forms.
+__device__ __forceinline__ float token_scale(const void* norms, const __half* steps, int group, int Tc, int bh,
+                                             int t) {
+  const int64_t at = static_cast<int64_t>(bh) * Tc + t;
+  if (steps == nullptr) return __half2float(static_cast<const __half*>(norms)[at]);
+  const float step = __half2float(steps[static_cast<int64_t>(bh) * (Tc / group) + t / group]);
+  return __fmul_rn(static_cast<float>(static_cast<const uint8_t*>(norms)[at]), step);
+}
+
 // --- compressed tokens ---------------------------------------------------------------------------------
 template <int D, int KEY, int VK, int PER>
 __device__ void compressed_split(const Params& p, uint8_t* smem, int bh, int r0, int nr, int split) {
@@ -267,8 +283,8 @@ __device__ void compressed_split(const Params& p, uint8_t* smem, int bh, int r0,
     const uint8_t* kt = stage_bytes(smem + Lc.kbuf, p.kcodes + (row0 + tile0) * p.kbytes, tile_n * p.kbytes);
     const uint8_t* vt = stage_bytes(smem + Lc.vbuf, p.vcodes + (row0 + tile0) * p.vbytes, tile_n * p.vbytes);
     for (int i = tid; i < tile_n; i += THREADS) {
-      knorm[i] = __half2float(p.knorms[row0 + tile0 + i]);
-      vnorm[i] = p.vnorms ? __half2float(p.vnorms[row0 + tile0 + i]) : 1.f;
+      knorm[i] = token_scale(p.knorms, p.ksteps, p.kgroup, p.Tc, bh, tile0 + i);
+      vnorm[i] = p.vnorms ? token_scale(p.vnorms, p.vsteps, p.vngroup, p.Tc, bh, tile0 + i) : 1.f;
     }
     int ng0 = 0;
     if (ngt > 0) {
@@ -378,6 +394,12 @@ __device__ void compressed_split(const Params& p, uint8_t* smem, int bh, int r0,
       float v[PER];
       if constexpr (VK == VAL_TAB4) {
         const float4 x = reinterpret_cast<const float4*>(vtab)[vt[i * p.vbytes + u]];
+        v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+      } else if constexpr (VK == VAL_TAB9) {
+        // group u's index: low 8 bits in byte u, the ninth in bit u % 8 of byte U + u / 8 (pack_codes, 9 bits)
+        const uint8_t* b = vt + i * p.vbytes;
+        const int idx = b[u] | (((b[U + (u >> 3)] >> (u & 7)) & 1) << 8);
+        const float4 x = reinterpret_cast<const float4*>(vtab)[idx];
         v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
       } else if constexpr (VK == VAL_TAB2) {
         const float2 x = reinterpret_cast<const float2*>(vtab)[vt[i * p.vbytes + u]];
@@ -791,8 +813,10 @@ at::Tensor run(Params& p, const at::Tensor& q, int vkind, int per, const float* 
   prep_kernel<CT, KEY><<<nrows, THREADS, 2 * p.D * sizeof(float), stream>>>(p, mat, channels, rest, key_mean,
                                                                                  qp.data_ptr<float>(), p.qconst ? qconst.data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (KEY == KEY_TURBO3) {
+  // constexpr: each mode instantiates only its own value kinds (12 attention kernels, not 24)
+  if constexpr (KEY == KEY_TURBO3) {
     if (vkind == VAL_TAB4) launch_attn_d<KEY, VAL_TAB4, 4>(p, smem);
+    else if (vkind == VAL_TAB9) launch_attn_d<KEY, VAL_TAB9, 4>(p, smem);
     else if (vkind == VAL_TAB2) launch_attn_d<KEY, VAL_TAB2, 2>(p, smem);
     else launch_attn_d<KEY, VAL_TAB3, 8>(p, smem);
   } else {
@@ -823,6 +847,30 @@ void check_f32(const at::Tensor& t, const char* name) {
   QJL_CHECK_CUDA_TENSOR(t, name);
   QJL_CHECK_DTYPE(t, at::kFloat, name);
   QJL_CHECK_CONTIGUOUS(t, name);
+}
+
+// A turbo scale tensor: fp16 [B, H, T] (steps none), or uint8 codes [B, H, T] with fp16 steps [B, H, T/G]
+// (qjl.ops.encode.norm_codes). Sets the pointers and G (1 for fp16).
+void fill_norms(const Params& p, const at::Tensor& norms, const c10::optional<at::Tensor>& steps, const char* name,
+                const void*& out, const __half*& out_steps, int& group) {
+  const int64_t numel = static_cast<int64_t>(p.B) * p.H * p.Tc;
+  out_steps = nullptr;
+  group = 1;
+  if (!steps.has_value()) {
+    check_f16(norms, name);
+  } else {
+    check_u8(norms, name);
+    check_f16(*steps, "norm steps");
+    TORCH_CHECK(steps->dim() == 3 && steps->size(0) == p.B && steps->size(1) == p.H,
+                "qjl kernels: the steps of ", name, " must be [B, H, T/G]");
+    const int64_t ns = steps->size(2);
+    TORCH_CHECK(p.Tc == 0 || (ns > 0 && p.Tc % ns == 0), "qjl kernels: ", ns, " steps of ", name, " for ", p.Tc,
+                " tokens (T must be whole groups)");
+    group = ns > 0 ? static_cast<int>(p.Tc / ns) : 1;
+    out_steps = reinterpret_cast<const __half*>(steps->data_ptr());
+  }
+  TORCH_CHECK(norms.numel() == numel, "qjl kernels: ", name, " must be [B, H, T]");
+  out = norms.data_ptr();
 }
 
 void fill_outliers(Params& p, const c10::optional<at::Tensor>& channels, const c10::optional<at::Tensor>& ovalues,
@@ -867,18 +915,21 @@ void fill_outliers(Params& p, const c10::optional<at::Tensor>& channels, const c
 }  // namespace
 
 // q [B, Hq, L, D]; exact parts [B, H, n, D] in q's dtype; key_codes uint8 [B, H, T, 3n/8] (3-bit);
-// centroids float32 [8]; key_norms fp16 [B, H, T]; key_rotation float32 [n, n]; channels/rest int64 [B, H, r] /
-// [B, H, n] or none; outliers as qjl/ops/attention.py; value_codes uint8 [B, H, T, vbytes]; value_kind
-// VAL_TAB4 / VAL_TAB2 / VAL_TAB3 with value_table float32 [256*4] / [256*2] / [8]; value_norms fp16 [B, H, T];
-// value_rotation float32 [D, D].
+// centroids float32 [8]; key_norms fp16 [B, H, T], or uint8 [B, H, T] with key_norm_steps fp16 [B, H, T/Gn];
+// key_rotation float32 [n, n]; channels/rest int64 [B, H, r] / [B, H, n] or none; outliers as
+// qjl/ops/attention.py; value_codes uint8 [B, H, T, vbytes]; value_kind VAL_TAB4 / VAL_TAB2 / VAL_TAB3 /
+// VAL_TAB9 with value_table float32 [256*4] / [256*2] / [8] / [512*4]; value_norms (and value_norm_steps) as
+// the keys'; value_rotation float32 [D, D].
 at::Tensor turbo_attention(const at::Tensor& q, const std::vector<at::Tensor>& exact_k,
                            const std::vector<at::Tensor>& exact_v, const at::Tensor& key_codes,
-                           const at::Tensor& centroids, const at::Tensor& key_norms, const at::Tensor& key_rotation,
+                           const at::Tensor& centroids, const at::Tensor& key_norms,
+                           const c10::optional<at::Tensor>& key_norm_steps, const at::Tensor& key_rotation,
                            const c10::optional<at::Tensor>& channels, const c10::optional<at::Tensor>& rest,
                            const c10::optional<at::Tensor>& ovalues, const c10::optional<at::Tensor>& oscales,
                            const c10::optional<at::Tensor>& omins, int64_t obits, int64_t G,
                            const at::Tensor& value_codes, int64_t value_kind, const at::Tensor& value_table,
-                           const at::Tensor& value_norms, const at::Tensor& value_rotation, double scaling) {
+                           const at::Tensor& value_norms, const c10::optional<at::Tensor>& value_norm_steps,
+                           const at::Tensor& value_rotation, double scaling) {
   Params p{};
   check_u8(key_codes, "key_codes");
   TORCH_CHECK(key_codes.dim() == 4, "qjl kernels: key_codes must be [B, H, T, bytes]");
@@ -893,9 +944,7 @@ at::Tensor turbo_attention(const at::Tensor& q, const std::vector<at::Tensor>& e
   check_f32(centroids, "centroids");
   TORCH_CHECK(centroids.numel() == 8, "qjl kernels: 3-bit keys need 8 centroids");
   p.centroids = centroids.data_ptr<float>();
-  check_f16(key_norms, "key_norms");
-  TORCH_CHECK(key_norms.numel() == static_cast<int64_t>(p.B) * p.H * p.Tc, "qjl kernels: key_norms must be [B, H, T]");
-  p.knorms = reinterpret_cast<const __half*>(key_norms.data_ptr());
+  fill_norms(p, key_norms, key_norm_steps, "key_norms", p.knorms, p.ksteps, p.kgroup);
   check_f32(key_rotation, "key_rotation");
   TORCH_CHECK(key_rotation.dim() == 2 && key_rotation.size(0) == p.n && key_rotation.size(1) == p.n,
               "qjl kernels: key_rotation must be [n, n] for the n = ", p.n, " coded coordinates");
@@ -913,17 +962,20 @@ at::Tensor turbo_attention(const at::Tensor& q, const std::vector<at::Tensor>& e
   TORCH_CHECK(value_codes.dim() == 4 && value_codes.size(2) == p.Tc, "qjl kernels: value_codes must be [B, H, T, bytes]");
   p.vcodes = value_codes.data_ptr<uint8_t>();
   p.vbytes = static_cast<int>(value_codes.size(3));
-  const int want_bytes = value_kind == VAL_TAB4 ? p.D / 4 : value_kind == VAL_TAB2 ? p.D / 2 : 3 * p.D / 8;
-  TORCH_CHECK(value_kind >= VAL_TAB4 && value_kind <= VAL_TAB3 && p.vbytes == want_bytes,
-              "qjl kernels: value codes of ", p.vbytes, " bytes for value kind ", value_kind);
+  int want_bytes = -1, want_len = -1;  // a row's code bytes and the table's numbers, per value kind
+  switch (value_kind) {
+    case VAL_TAB4: want_bytes = p.D / 4; want_len = 256 * 4; break;
+    case VAL_TAB2: want_bytes = p.D / 2; want_len = 256 * 2; break;
+    case VAL_TAB3: want_bytes = 3 * p.D / 8; want_len = 8; break;
+    case VAL_TAB9: want_bytes = p.D / 4 + p.D / 32; want_len = 512 * 4; break;
+    default: TORCH_CHECK(false, "qjl kernels: value kind ", value_kind);
+  }
+  TORCH_CHECK(p.vbytes == want_bytes, "qjl kernels: value codes of ", p.vbytes, " bytes for value kind ", value_kind);
   check_f32(value_table, "value_table");
   p.vtable = value_table.data_ptr<float>();
   p.vtable_len = static_cast<int>(value_table.numel());
-  const int want_len = value_kind == VAL_TAB4 ? 1024 : value_kind == VAL_TAB2 ? 512 : 8;
   TORCH_CHECK(p.vtable_len == want_len, "qjl kernels: value table of ", p.vtable_len, " numbers");
-  check_f16(value_norms, "value_norms");
-  TORCH_CHECK(value_norms.numel() == static_cast<int64_t>(p.B) * p.H * p.Tc, "qjl kernels: value_norms must be [B, H, T]");
-  p.vnorms = reinterpret_cast<const __half*>(value_norms.data_ptr());
+  fill_norms(p, value_norms, value_norm_steps, "value_norms", p.vnorms, p.vsteps, p.vngroup);
   check_f32(value_rotation, "value_rotation");
   TORCH_CHECK(value_rotation.dim() == 2 && value_rotation.size(0) == p.D && value_rotation.size(1) == p.D,
               "qjl kernels: value_rotation must be [D, D]");
@@ -963,9 +1015,7 @@ at::Tensor sketch_attention(const at::Tensor& q, const std::vector<at::Tensor>& 
   p.kbytes = static_cast<int>(signs.size(3));
   p.n = p.kbytes * 8;
   p.kcodes = signs.data_ptr<uint8_t>();
-  check_f16(key_norms, "key_norms");
-  TORCH_CHECK(key_norms.numel() == static_cast<int64_t>(p.B) * p.H * p.Tc, "qjl kernels: key_norms must be [B, H, T]");
-  p.knorms = reinterpret_cast<const __half*>(key_norms.data_ptr());
+  fill_norms(p, key_norms, c10::nullopt, "key_norms", p.knorms, p.ksteps, p.kgroup);  // fp16 only
   check_f32(projection, "projection");
   TORCH_CHECK(projection.dim() == 2 && projection.size(0) == p.n && projection.size(1) == p.D,
               "qjl kernels: projection must be [m, D]");
@@ -990,6 +1040,8 @@ at::Tensor sketch_attention(const at::Tensor& q, const std::vector<at::Tensor>& 
   p.vcodes = value_codes.data_ptr<uint8_t>();
   p.vbytes = static_cast<int>(value_codes.size(3));
   p.vnorms = nullptr;
+  p.vsteps = nullptr;
+  p.vngroup = 1;
   p.vtable = nullptr;
   p.vtable_len = 0;
   p.vscales = reinterpret_cast<const __half*>(value_scales.data_ptr());

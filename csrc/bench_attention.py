@@ -3,6 +3,10 @@ SDPA on the bf16 exact cache against each mode's CUDA kernel and torch path, wit
 next to a measured copy bandwidth. Needs a GPU (never run yet: see csrc/README.md).
 
     python csrc/bench_attention.py --tokens 4k,16k,32k,64k,128k --json $OUT/attention.json
+    python csrc/bench_attention.py --modes turbo,turbo-v2n16    # the default turbo layout against the one before
+
+Modes: turbo (the default layout: 9-bit vq4 values of 512 points, 8-bit norms), turbo-v2n16 (a vq4 byte per 4
+values, fp16 norms: cache format 4's default), qjl.
 
 Times are medians of CUDA-graph replays (GPU time only, no Python dispatch), several input sets rotated so the
 L2 cache does not hold them.
@@ -25,6 +29,7 @@ from qjl.turbo import TurboKeys, TurboValues
 from qjl.values import QuantValues
 
 HQ, H, D = 32, 8, 128
+TURBO = {"turbo": {}, "turbo-v2n16": {"turbo_value_bits": 2, "turbo_norm_bits": 16}}  # mode -> QJLConfig fields
 
 
 def _tokens(s: str) -> int:
@@ -73,22 +78,23 @@ def layer(mode: str, T: int, gen):
     sink_k, sink_v = k[:, :, :4].bfloat16(), v[:, :, :4].bfloat16()
     tail_k = torch.randn(1, H, 1, D, generator=gen).to("cuda", torch.bfloat16)
     tail_v = torch.randn(1, H, 1, D, generator=gen).to("cuda", torch.bfloat16)
-    if mode == "turbo":
-        cfg = QJLConfig()
+    end = 4 + (T - 4) // 32 * 32  # the compressed part: whole groups of 32 tokens after the sink, as the cache
+    if mode in TURBO:
+        cfg = QJLConfig(**TURBO[mode])
         kc, vc = TurboKeys.for_layer(cfg, 0, D).to("cuda"), TurboValues.for_layer(cfg, 0, D).to("cuda")
-        ks = encode_chunks(kc, k[:, :, 4:], query_energy=torch.ones(1, H, D, device="cuda"))
-        vs = encode_chunks(vc, v[:, :, 4:])
+        ks = encode_chunks(kc, k[:, :, 4:end], query_energy=torch.ones(1, H, D, device="cuda"))
+        vs = encode_chunks(vc, v[:, :, 4:end])
         a = kc.op_args(ks) | vc.op_args(vs)
         args = (q, [sink_k, tail_k], [sink_v, tail_v], a["key_codes"], a["key_bits"], a["key_centroids"],
-                a["key_norms"], a["key_rotation"], a["channels"], a["rest"], a["outlier_values"], a["outlier_scales"],
-                a["outlier_mins"], a["outlier_bits"], a["group_size"], a["residual_signs"], a["residual_norms"],
-                a["residual_projection"], a["residual_scale"], a["value_codes"], a["value_bits"], a["value_tables"],
-                a["value_norms"], a["value_rotation"], D ** -0.5)
+                a["key_norms"], a["key_norm_steps"], a["key_rotation"], a["channels"], a["rest"], a["outlier_values"],
+                a["outlier_scales"], a["outlier_mins"], a["outlier_bits"], a["group_size"], a["residual_signs"],
+                a["residual_norms"], a["residual_projection"], a["residual_scale"], a["value_codes"], a["value_bits"],
+                a["value_tables"], a["value_norms"], a["value_norm_steps"], a["value_rotation"], D ** -0.5)
         return "qjl::turbo_attention", args, nbytes(list(ks.values()) + list(vs.values())) + nbytes(
             [sink_k, sink_v, tail_k, tail_v])
     cfg = QJLConfig(kv="qjl")
     kc, vc = QJLKeys.for_layer(cfg, 0, D).to("cuda"), QuantValues.for_layer(cfg, 0, D).to("cuda")
-    ks, vs = encode_chunks(kc, k[:, :, 4:]), encode_chunks(vc, v[:, :, 4:])
+    ks, vs = encode_chunks(kc, k[:, :, 4:end]), encode_chunks(vc, v[:, :, 4:end])
     a = kc.op_args(ks) | vc.op_args(vs)
     args = (q, [sink_k, tail_k], [sink_v, tail_v], a["signs"], a["key_norms"], a["projection"], a["sketch_scale"],
             a["channels"], a["outlier_values"], a["outlier_scales"], a["outlier_mins"], a["outlier_index"],
@@ -101,7 +107,7 @@ def layer(mode: str, T: int, gen):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="4k,16k,32k,64k,128k")
-    p.add_argument("--modes", default="turbo,qjl")
+    p.add_argument("--modes", default="turbo,qjl", help=f"of {', '.join([*TURBO, 'qjl'])}")
     p.add_argument("--no-torch", action="store_true", help="skip the torch paths (slow at 128k)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -126,7 +132,8 @@ def main() -> int:
         del k, v
         for mode in a.modes.split(","):
             op, args, nb = layer(mode, T, gen)
-            impl = {"qjl::turbo_attention": K.turbo_attention_cuda, "qjl::sketch_attention": K.sketch_attention_cuda}[op]
+            impl = {"qjl::turbo_attention": K.turbo_attention_cuda,
+                    "qjl::sketch_attention": K.sketch_attention_cuda}[op]
             results.append((f"{mode} kernel", graph_ms(lambda: impl(*args)), nb))
             if not a.no_torch:
                 def torch_path(args=args, op=op):

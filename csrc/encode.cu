@@ -23,6 +23,12 @@ __global__ void sign_bits_kernel(const T* __restrict__ x, uint8_t* __restrict__ 
 }
 
 // --- scalar (Lloyd-Max) and vq4 codes of rows, with the least-squares fit ------------------------------------
+constexpr int MAXK = 512;  // codebook points at most (9-bit indices)
+
+// How vq codes are written: a byte each (K <= 256), int16 each (vq_nearest, K > 256), or 9-bit packed
+// (turbo_encode, K > 256: pack_codes(codes, 9), the low bytes of a row's n codes then n/8 bytes of ninth bits).
+enum VqOut { VQ_U8 = 0, VQ_I16 = 1, VQ_PACK9 = 2 };
+
 struct CodeParams {
   int64_t rows;
   int dim;
@@ -33,13 +39,86 @@ struct CodeParams {
   uint8_t* out[MAXP];            // [rows, len * bits / 8]
   const float* book;             // vq: [K, 4] or nullptr
   int K;
+  int vq_out;                    // VqOut
+  int16_t* out16;                // VQ_I16: [rows, dim / 4]
   float* fit;                    // [rows] or nullptr
 };
 
-// One warp a row; lane handles octets (8 coordinates: b bytes of b-bit codes, or 2 vq4 bytes).
+// The nearest point of g (4 numbers): the argmax of <g, c> - |c|^2 / 2 (hn = |c|^2 / 2), the first of equal
+// scores as torch's argmax; adds <c, g> and |c|^2 to the fit's sums.
+__device__ __forceinline__ int vq_nearest_point(const float* g, const float* book, const float* hn, int K, float& dot,
+                                                float& nn) {
+  int best = 0;
+  float bs = -INFINITY;
+  for (int k = 0; k < K; ++k) {
+    const float* c = book + 4 * k;
+    const float s = (g[0] * c[0] + g[1] * c[1] + g[2] * c[2] + g[3] * c[3]) - hn[k];
+    if (s > bs) { bs = s; best = k; }  // strict: a later equal score never replaces an earlier one
+  }
+  const float* c = book + 4 * best;
+#pragma unroll
+  for (int s = 0; s < 4; ++s) { dot += c[s] * g[s]; nn += c[s] * c[s]; }
+  return best;
+}
+
+// One row's vq codes by one warp. A lane takes UNIT groups of 4 numbers at a time: 2 (8 numbers) for byte or
+// int16 codes; 8 (32 numbers) for the 9-bit layout, so that each lane writes whole bytes, its 8 ninth bits
+// included, and no lane shares a byte with another.
+template <int UNIT>
+__device__ void vq_row(const float* yr, const CodeParams& p, const float* book, const float* hn, int64_t row,
+                       int lane, float& dot, float& nn) {
+  const int n = p.dim / 4;  // groups a row
+  for (int u = lane; u < n / UNIT; u += 32) {
+    int hi = 0;
+#pragma unroll
+    for (int j = 0; j < UNIT; ++j) {
+      const int gi = u * UNIT + j;
+      float g[4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) g[s] = yr[4 * gi + s];
+      const int best = vq_nearest_point(g, book, hn, p.K, dot, nn);
+      if (p.vq_out == VQ_I16) {
+        p.out16[row * n + gi] = static_cast<int16_t>(best);
+      } else if (p.vq_out == VQ_U8) {
+        p.out[0][row * n + gi] = static_cast<uint8_t>(best);
+      } else {  // VQ_PACK9: row of n + n/8 bytes
+        p.out[0][row * (n + n / 8) + gi] = static_cast<uint8_t>(best & 0xff);
+        hi |= ((best >> 8) & 1) << j;
+      }
+    }
+    if (p.vq_out == VQ_PACK9) p.out[0][row * (n + n / 8) + n + u] = static_cast<uint8_t>(hi);
+  }
+}
+
+// One row's Lloyd-Max codes by one warp; a lane takes octets (8 coordinates: b bytes of b-bit codes).
+__device__ void scalar_row(const float* yr, const CodeParams& p, const float (*sb)[16], const float (*sc)[16],
+                           int64_t row, int lane, float& dot, float& nn) {
+  for (int o = lane; o < p.dim / 8; o += 32) {
+    float v[8];
+#pragma unroll
+    for (int s = 0; s < 8; ++s) v[s] = yr[8 * o + s];
+    int q = 0;
+    while (q + 1 < p.nparts && 8 * o >= p.start[q + 1]) ++q;
+    const int b = p.bits[q], nb = (1 << b) - 1;
+    uint32_t word = 0;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      int code = 0;
+      for (int i = 0; i < nb; ++i) code += sb[q][i] < v[s] ? 1 : 0;  // torch.bucketize(right=False)
+      word |= static_cast<uint32_t>(code) << (s * b);
+      if (p.centroids[q]) { const float c = sc[q][code]; dot += c * v[s]; nn += c * c; }
+    }
+    uint8_t* dst = p.out[q] + row * (p.len[q] * b / 8) + ((8 * o - p.start[q]) / 8) * b;
+    for (int k = 0; k < b; ++k) dst[k] = static_cast<uint8_t>((word >> (8 * k)) & 0xffu);
+  }
+}
+
+// One warp a row. Shared: the boundaries and centroids of each part (nparts = 0 for vq), or the codebook and
+// its half norms (10 KB for K = 512, static).
 __global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
   __shared__ float sb[MAXP][16], sc[MAXP][16];
-  __shared__ float book[256 * 4], hn[256];
+  __shared__ __align__(16) float book[MAXK * 4];
+  __shared__ float hn[MAXK];
   for (int q = 0; q < p.nparts; ++q) {
     const int nb = (1 << p.bits[q]) - 1;
     for (int i = threadIdx.x; i < nb; i += blockDim.x) sb[q][i] = p.bounds[q][i];
@@ -57,46 +136,12 @@ __global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  const int octets = p.dim / 8;
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < p.rows; row += warps) {
     const float* yr = y + row * p.dim;
     float dot = 0.f, nn = 0.f;
-    for (int o = lane; o < octets; o += 32) {
-      float v[8];
-#pragma unroll
-      for (int s = 0; s < 8; ++s) v[s] = yr[8 * o + s];
-      if (p.book) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const float* gv = v + 4 * half;
-          int best = 0;
-          float bs = -INFINITY;
-          for (int k = 0; k < p.K; ++k) {
-            const float* c = book + 4 * k;
-            const float s = (gv[0] * c[0] + gv[1] * c[1] + gv[2] * c[2] + gv[3] * c[3]) - hn[k];
-            if (s > bs) { bs = s; best = k; }  // strict: the first of equal scores, as argmax
-          }
-          p.out[0][row * (p.dim / 4) + 2 * o + half] = static_cast<uint8_t>(best);
-          const float* c = book + 4 * best;
-#pragma unroll
-          for (int s = 0; s < 4; ++s) { dot += c[s] * gv[s]; nn += c[s] * c[s]; }
-        }
-      } else {
-        int q = 0;
-        while (q + 1 < p.nparts && 8 * o >= p.start[q + 1]) ++q;
-        const int b = p.bits[q], nb = (1 << b) - 1;
-        uint32_t word = 0;
-#pragma unroll
-        for (int s = 0; s < 8; ++s) {
-          int code = 0;
-          for (int i = 0; i < nb; ++i) code += sb[q][i] < v[s] ? 1 : 0;  // torch.bucketize(right=False)
-          word |= static_cast<uint32_t>(code) << (s * b);
-          if (p.centroids[q]) { const float c = sc[q][code]; dot += c * v[s]; nn += c * c; }
-        }
-        uint8_t* dst = p.out[q] + row * (p.len[q] * b / 8) + ((8 * o - p.start[q]) / 8) * b;
-        for (int k = 0; k < b; ++k) dst[k] = static_cast<uint8_t>((word >> (8 * k)) & 0xffu);
-      }
-    }
+    if (!p.book) scalar_row(yr, p, sb, sc, row, lane, dot, nn);
+    else if (p.vq_out == VQ_PACK9) vq_row<8>(yr, p, book, hn, row, lane, dot, nn);
+    else vq_row<2>(yr, p, book, hn, row, lane, dot, nn);
     if (p.fit) {
       dot = warp_sum(dot);
       nn = warp_sum(nn);
@@ -164,13 +209,16 @@ at::Tensor sign_bits(const at::Tensor& x) {
 }
 
 // y float32 [..., dim] contiguous. Scalar: parts (bits, len, boundaries, centroids or empty) covering dim in
-// order -> packed codes of each part [..., len*bits/8]. vq: book float32 [K <= 256, 4] -> codes [..., dim/4].
-// want_fit: also <y, y_hat> / max(|y_hat|^2, 1e-30) per row (float32 [...]), else an empty tensor.
+// order -> packed codes of each part [..., len*bits/8]. vq: book float32 [K <= 512, 4] -> codes [..., dim/4],
+// uint8 for K <= 256; for K > 256 int16 codes, or with pack9 (turbo_encode) one uint8 [..., n + n/8] of 9-bit
+// codes (n = dim/4, a multiple of 8). want_fit: also <y, y_hat> / max(|y_hat|^2, 1e-30) per row (float32
+// [...]), else an empty tensor.
 std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y, const std::vector<int64_t>& bits,
                                                              const std::vector<int64_t>& lengths,
                                                              const std::vector<at::Tensor>& boundaries,
                                                              const std::vector<at::Tensor>& centroids,
-                                                             const c10::optional<at::Tensor>& book, bool want_fit) {
+                                                             const c10::optional<at::Tensor>& book, bool want_fit,
+                                                             bool pack9) {
   QJL_CHECK_CUDA_TENSOR(y, "y");
   QJL_CHECK_DTYPE(y, at::kFloat, "y");
   QJL_CHECK_CONTIGUOUS(y, "y");
@@ -187,16 +235,30 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y
     QJL_CHECK_CUDA_TENSOR(b, "codebook");
     QJL_CHECK_DTYPE(b, at::kFloat, "codebook");
     QJL_CHECK_CONTIGUOUS(b, "codebook");
-    TORCH_CHECK(b.dim() == 2 && b.size(1) == 4 && b.size(0) >= 1 && b.size(0) <= 256,
-                "qjl-unsupported: codebook of shape ", b.sizes(), " (kernels: [K <= 256, 4])");
+    TORCH_CHECK(b.dim() == 2 && b.size(1) == 4 && b.size(0) >= 1 && b.size(0) <= MAXK,
+                "qjl-unsupported: codebook of shape ", b.sizes(), " (kernels: [K <= 512, 4])");
     p.book = b.data_ptr<float>();
     p.K = static_cast<int>(b.size(0));
-    p.nparts = 1;
+    p.nparts = 0;  // no scalar parts: the kernel loads no boundaries
+    const int n = p.dim / 4;
     auto s = lead;
-    s.push_back(p.dim / 4);
-    outs.push_back(at::empty(s, y.options().dtype(at::kByte)));
-    p.out[0] = outs[0].data_ptr<uint8_t>();
-    p.bits[0] = 2; p.start[0] = 0; p.len[0] = p.dim;
+    if (p.K <= 256) {
+      p.vq_out = VQ_U8;
+      s.push_back(n);
+      outs.push_back(at::empty(s, y.options().dtype(at::kByte)));
+      p.out[0] = outs[0].data_ptr<uint8_t>();
+    } else if (!pack9) {
+      p.vq_out = VQ_I16;
+      s.push_back(n);
+      outs.push_back(at::empty(s, y.options().dtype(at::kShort)));
+      p.out16 = outs[0].data_ptr<int16_t>();
+    } else {
+      TORCH_CHECK(n % 8 == 0, "qjl-unsupported: 9-bit codes of ", p.dim, " coordinates (a multiple of 32)");
+      p.vq_out = VQ_PACK9;
+      s.push_back(n + n / 8);
+      outs.push_back(at::empty(s, y.options().dtype(at::kByte)));
+      p.out[0] = outs[0].data_ptr<uint8_t>();
+    }
   } else {
     const int np = static_cast<int>(bits.size());
     TORCH_CHECK(np >= 1 && np <= MAXP && lengths.size() == bits.size() && boundaries.size() == bits.size() &&

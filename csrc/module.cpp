@@ -9,12 +9,14 @@
 namespace qjl {
 at::Tensor turbo_attention(const at::Tensor& q, const std::vector<at::Tensor>& exact_k,
                            const std::vector<at::Tensor>& exact_v, const at::Tensor& key_codes,
-                           const at::Tensor& centroids, const at::Tensor& key_norms, const at::Tensor& key_rotation,
+                           const at::Tensor& centroids, const at::Tensor& key_norms,
+                           const c10::optional<at::Tensor>& key_norm_steps, const at::Tensor& key_rotation,
                            const c10::optional<at::Tensor>& channels, const c10::optional<at::Tensor>& rest,
                            const c10::optional<at::Tensor>& ovalues, const c10::optional<at::Tensor>& oscales,
                            const c10::optional<at::Tensor>& omins, int64_t obits, int64_t G,
                            const at::Tensor& value_codes, int64_t value_kind, const at::Tensor& value_table,
-                           const at::Tensor& value_norms, const at::Tensor& value_rotation, double scaling);
+                           const at::Tensor& value_norms, const c10::optional<at::Tensor>& value_norm_steps,
+                           const at::Tensor& value_rotation, double scaling);
 at::Tensor sketch_attention(const at::Tensor& q, const std::vector<at::Tensor>& exact_k,
                             const std::vector<at::Tensor>& exact_v, const at::Tensor& signs,
                             const at::Tensor& key_norms, const at::Tensor& projection, double sketch_scale,
@@ -28,7 +30,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y
                                                              const std::vector<int64_t>& lengths,
                                                              const std::vector<at::Tensor>& boundaries,
                                                              const std::vector<at::Tensor>& centroids,
-                                                             const c10::optional<at::Tensor>& book, bool want_fit);
+                                                             const c10::optional<at::Tensor>& book, bool want_fit,
+                                                             bool pack9);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& v, int64_t bits, int64_t group);
 }  // namespace qjl
 
@@ -37,6 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("turbo_attention", &qjl::turbo_attention, "fused turbo attention (prep, split-K, merge)");
   m.def("sketch_attention", &qjl::sketch_attention, "fused qjl-mode attention (prep, split-K, merge)");
   m.def("sign_bits", &qjl::sign_bits, "x > 0 packed 8 to a byte");
-  m.def("encode_codes", &qjl::encode_codes, "Lloyd-Max or vq4 codes of rows, packed, with the least-squares fit");
+  m.def("encode_codes", &qjl::encode_codes,
+        "Lloyd-Max or vq4 codes of rows (K > 256: 9-bit packed or int16), with the least-squares fit");
   m.def("int_quantize", &qjl::int_quantize, "asymmetric integer codes with fp16 scales and minimums");
 }

@@ -22,8 +22,9 @@ from .config import QJLConfig
 from .errors import CacheFileError
 
 FORMAT_NAME = "qjl-cache"
-FORMAT_VERSION = "4"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook;
-# 4: the model identity includes its dtype and revision (model_dtype, model_revision in the metadata)
+FORMAT_VERSION = "5"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook;
+# 4: the model identity includes its dtype and revision (model_dtype, model_revision in the metadata);
+# 5: turbo's 8-bit scales (codes + steps per token group) and 2.25-bit values (9-bit codes, 512-point codebook)
 COMPRESSED_MODES = ("qjl", "turbo")  # = qjl.cache.COMPRESSED_MODES (tests/test_store.py holds them equal)
 # safetensors dtype codes -> (the dtype as str(torch.dtype) names it, bytes per element)
 DTYPES = {

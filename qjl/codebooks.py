@@ -2,8 +2,8 @@
 
 The rotation R is random orthogonal (one per layer class and role, from a seed); after it every coordinate
 of a unit vector in R^d has the density (1 - t^2)^((d-3)/2) on [-1, 1] (about N(0, 1/d)), for which the
-Lloyd-Max quantiser is solved once here. 2-bit values may instead use a 4-D k-means codebook of N(0, 1)^4
-(qjl/data/vq4_256.txt, made by scripts/make_vq_codebook.py).
+Lloyd-Max quantiser is solved once here. 2 and 2.25-bit values may instead use a 4-D k-means codebook of
+N(0, 1)^4 (qjl/data/vq4_256.txt, vq4_512.txt, made by scripts/make_vq_codebook.py).
 """
 
 from __future__ import annotations
@@ -89,20 +89,20 @@ def codebook_on(bits: int, d: int, device: str) -> tuple[torch.Tensor, torch.Ten
     return c.to(device), b.to(device)
 
 
-@functools.lru_cache(maxsize=1)
-def vq4_codebook() -> torch.Tensor:
-    """[256, 4] float32: k-means codebook of 4 independent N(0, 1) numbers (qjl/data/vq4_256.txt, made by
-    scripts/make_vq_codebook.py): mean squared error 0.096 a number at 2 bits, against 0.1175 for the scalar
-    Lloyd-Max code."""
-    path = Path(__file__).parent / "data" / "vq4_256.txt"
+@functools.lru_cache(maxsize=2)
+def vq4_codebook(points: int = 256) -> torch.Tensor:
+    """[points, 4] float32: k-means codebook of 4 independent N(0, 1) numbers (qjl/data/vq4_256.txt and
+    vq4_512.txt, made by scripts/make_vq_codebook.py): mean squared error a number 0.096 at 2 bits (256) and
+    0.070 at 2.25 bits (512), against 0.1175 for the scalar 2-bit Lloyd-Max code."""
+    path = Path(__file__).parent / "data" / f"vq4_{points}.txt"
     rows = [line.split() for line in path.read_text().splitlines() if line and not line.startswith("#")]
     return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=16)
-def vq4_on(dim: int, device: str) -> torch.Tensor:
+def vq4_on(dim: int, device: str, points: int = 256) -> torch.Tensor:
     """The 4-D codebook for coordinates of a rotated unit vector of `dim` (about N(0, 1/dim)), on a device."""
-    return (vq4_codebook() / math.sqrt(dim)).to(device)
+    return (vq4_codebook(points) / math.sqrt(dim)).to(device)
 
 
 

@@ -65,13 +65,16 @@ class QJLConfig:
     # multiples of 8) at one bit more (2.5: half at 3 bits). 3: on SmolLM2 (2,304 tokens, V 2-bit) K3 gave ppl
     # x1.043 at 3.12 bits a number against x1.144 for K2 at 2.64; softmax amplifies key error.
     turbo_key_bits: float = 3
-    # --kv turbo: bits per value coordinate, as the keys'. 2 keeps the cache under 3 bits a number; values carry
-    # most of the default's remaining error (V3: x1.008 at 3.47 bits, V2.25: x1.017 at 3.10; BENCHMARKS.md).
-    turbo_value_bits: float = 2
-    # --kv turbo, 2-bit values: "vq4" codes each 4 rotated coordinates as one byte, the nearest of 256 points of a
-    # 4-D k-means codebook (qjl/data/vq4_256.txt): the same bits, 0.096 against 0.1175 mean squared error, and
-    # ppl x1.013 against x1.021 for "scalar" (per-coordinate Lloyd-Max). Other value bit widths are scalar.
+    # --kv turbo: bits per value coordinate, as the keys'. Values carry most of the remaining error (V3: x1.008 at
+    # 3.47 bits; BENCHMARKS.md), so the bits the 8-bit norms free go here: 2.25 with the 4-D codebook.
+    turbo_value_bits: float = 2.25
+    # --kv turbo, 2 or 2.25-bit values: "vq4" codes each 4 rotated coordinates as the nearest of 2^(4 bits) points
+    # of a 4-D k-means codebook (qjl/data/vq4_256.txt: one byte, 0.096 mean squared error against 0.1175 for
+    # "scalar" per-coordinate Lloyd-Max; vq4_512.txt: 9 bits, 0.070). Other value bit widths are scalar.
     turbo_value_codebook: str = "vq4"
+    # --kv turbo: bits of each key's and value's scale: 16 (fp16), or 8 (a code times an fp16 step per group_size
+    # tokens, 8.5 bits: the error it adds is below what the KL proxy resolves) so that 2.25-bit values fit.
+    turbo_norm_bits: int = 8
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
     # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).
     turbo_residual_ratio: float = 0.0
@@ -93,6 +96,8 @@ class QJLConfig:
                               f"{self.turbo_key_bits} and {self.turbo_value_bits}")
         if self.turbo_value_codebook not in ("scalar", "vq4"):
             raise ConfigError(f"turbo_value_codebook must be 'scalar' or 'vq4', not {self.turbo_value_codebook!r}")
+        if self.turbo_norm_bits not in (8, 16):
+            raise ConfigError(f"turbo_norm_bits must be 8 or 16, not {self.turbo_norm_bits}")
         if not 0 <= self.turbo_outlier_fraction < 1:
             raise ConfigError("turbo_outlier_fraction must be in [0, 1)")
         if self.turbo_residual_ratio < 0:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import _TURBO_VALUES, FLOAT_TYPES, HEAD_DIMS, MAX_OUTLIERS
+from .kernels import _TURBO_VALUES, FLOAT_TYPES, HEAD_DIMS, MAX_CODEBOOK, MAX_OUTLIERS
 
 # --- input checks shared by the wrappers --------------------------------------------------------------------
 def _tensors_on(device_type: str, named: dict) -> None:
@@ -75,17 +75,33 @@ def _shared_reason(q, exact_k, exact_v, channels, outlier_bits: int, group_size:
     return None
 
 
-def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels,
-                          rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
-                          residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
-                          value_bits, value_tables, value_norms, value_rotation, scaling,
+def _norms(norms: Tensor, steps: Optional[Tensor], name: str) -> None:
+    """A turbo scale tensor as qjl.ops.attention.scales reads it: fp16 [B, H, T] without steps; with steps (fp16
+    [B, H, T/G]), uint8 codes [B, H, T] and T whole groups. Raises TypeError / ValueError otherwise."""
+    if steps is None:
+        _dtype(norms, name, torch.float16)
+        return
+    _dtype(norms, f"{name} (8-bit codes, with {name[:-1]}_steps)", torch.uint8)
+    _dtype(steps, f"{name[:-1]}_steps", torch.float16)
+    T = norms.shape[-1] if norms.dim() else 0
+    if (norms.dim() != 3 or steps.dim() != 3 or steps.shape[:2] != norms.shape[:2]
+            or (T > 0 and (steps.shape[2] == 0 or T % steps.shape[2]))):
+        raise ValueError(f"qjl kernels: {name} {tuple(norms.shape)} with steps {tuple(steps.shape)}: want codes "
+                         f"[B, H, T] and steps [B, H, T/G] over whole groups of G tokens")
+
+
+def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_norm_steps,
+                          key_rotation, channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits,
+                          group_size, residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
+                          value_bits, value_tables, value_norms, value_norm_steps, value_rotation, scaling,
                           device_type: str = "cuda") -> Optional[str]:
     """None if the turbo kernel takes these arguments; else what it lacks (the caller falls back to torch).
     Raises ValueError / TypeError for inputs no implementation should get (mixed devices, wrong dtypes)."""
-    _tensors_on(device_type, {"q": q, "key_norms": key_norms, "key_rotation": key_rotation, "channels": channels,
+    _tensors_on(device_type, {"q": q, "key_norms": key_norms, "key_norm_steps": key_norm_steps,
+                              "key_rotation": key_rotation, "channels": channels,
                               "rest": rest, "outlier_values": outlier_values, "outlier_scales": outlier_scales,
                               "outlier_mins": outlier_mins, "value_norms": value_norms,
-                              "value_rotation": value_rotation,
+                              "value_norm_steps": value_norm_steps, "value_rotation": value_rotation,
                               **{f"exact_k[{i}]": t for i, t in enumerate(exact_k)},
                               **{f"exact_v[{i}]": t for i, t in enumerate(exact_v)},
                               **{f"key_codes[{i}]": t for i, t in enumerate(key_codes)},
@@ -94,7 +110,8 @@ def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroid
                               **{f"value_tables[{i}]": t for i, t in enumerate(value_tables)}})
     _require(torch.uint8, {**{f"key_codes[{i}]": t for i, t in enumerate(key_codes)},
                            **{f"value_codes[{i}]": t for i, t in enumerate(value_codes)}})
-    _require(torch.float16, {"key_norms": key_norms, "value_norms": value_norms})
+    _norms(key_norms, key_norm_steps, "key_norms")
+    _norms(value_norms, value_norm_steps, "value_norms")
     _require(torch.int64, {"channels": channels, "rest": rest})
     reason = _shared_reason(q, exact_k, exact_v, channels, outlier_bits, group_size)
     if reason:
@@ -104,11 +121,13 @@ def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroid
     if list(key_bits) != [3]:
         return f"{'+'.join(map(str, key_bits))}-bit keys (kernels: 3)"
     if len(value_bits) != 1 or len(value_tables) != 1:
-        return f"{'+'.join(map(str, value_bits))}-bit values (kernels: one part of 2, 3 or 4 bits)"
+        return f"{'+'.join(map(str, value_bits))}-bit values (kernels: one part of 2, 3, 4 or 9 bits)"
     if (value_bits[0], tuple(value_tables[0].shape)) not in _TURBO_VALUES:
-        return f"{value_bits[0]}-bit values with a {tuple(value_tables[0].shape)} table"
+        return (f"{value_bits[0]}-bit values with a {tuple(value_tables[0].shape)} table "
+                f"(kernels: 2 bits with [256, 4], 4 with [256, 2], 3 with [8, 1], 9 with [512, 4])")
     return _non_contiguous({"key_codes": key_codes[0], "value_codes": value_codes[0], "key_norms": key_norms,
-                            "value_norms": value_norms, "outlier_values": outlier_values,
+                            "key_norm_steps": key_norm_steps, "value_norms": value_norms,
+                            "value_norm_steps": value_norm_steps, "outlier_values": outlier_values,
                             "outlier_scales": outlier_scales, "outlier_mins": outlier_mins, "channels": channels,
                             "rest": rest})
 
@@ -148,3 +167,25 @@ def _unsupported(e: RuntimeError) -> Optional[str]:
     msg = str(e)
     i = msg.find("qjl-unsupported:")
     return msg[i + len("qjl-unsupported:"):].strip().splitlines()[0] if i >= 0 else None
+
+
+def check_codes(y: Tensor, bits: list[int], lengths: list[int], vq_codebook: Optional[Tensor],
+                device_type: str = "cuda", pack9: bool = False) -> Optional[str]:
+    """None if the code kernel takes y (float32 [..., dim]) with these parts or this codebook. `pack9`: codes of
+    a codebook of more than 256 points are wanted 9-bit packed (turbo_encode), not int16 (vq_nearest)."""
+    _tensors_on(device_type, {"y": y, "codebook": vq_codebook})
+    if y.dtype != torch.float32:
+        return f"{y.dtype} input (kernels: float32)"
+    if y.dim() < 1 or y.shape[-1] % 8:
+        return f"{y.shape[-1] if y.dim() else 0} coordinates (kernels: a multiple of 8)"
+    if vq_codebook is not None:
+        if vq_codebook.dim() != 2 or vq_codebook.shape[1] != 4 or not 1 <= vq_codebook.shape[0] <= MAX_CODEBOOK:
+            return f"a codebook of shape {tuple(vq_codebook.shape)} (kernels: [K <= {MAX_CODEBOOK}, 4])"
+        if pack9 and vq_codebook.shape[0] > 256 and y.shape[-1] % 32:
+            return f"9-bit codes of {y.shape[-1]} coordinates (kernels: a multiple of 32)"
+        return None
+    if not 1 <= len(bits) <= 2 or any(b not in (1, 2, 3, 4) for b in bits):
+        return f"{'+'.join(map(str, bits))}-bit codes (kernels: one or two parts of 1 to 4 bits)"
+    if sum(lengths) != y.shape[-1] or any(n % 8 for n in lengths):
+        return f"parts of {list(lengths)} coordinates for {y.shape[-1]}"
+    return None

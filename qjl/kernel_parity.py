@@ -100,13 +100,16 @@ def _exact_parts_for(H: int, Ne: int, L: int, D: int, dtype, device, gen) -> tup
 
 
 def turbo_case(D: int, H: int, g: int, L: int, Tc: int, Ne: int, dtype, device, seed: int = 0,
-               value_bits: float = 2, outliers: bool = True) -> Case:
-    """A turbo layer's attention: random keys and values through the real codecs (qjl/turbo.py)."""
+               value_bits: float = 2.25, outliers: bool = True, norm_bits: int = 8) -> Case:
+    """A turbo layer's attention: random keys and values through the real codecs (qjl/turbo.py). The defaults
+    are the default layout (cache format 5): 9-bit vq4 values of 512 points, 8-bit norms (Tc whole groups of 32);
+    value_bits=2, norm_bits=16 is the layout before it (one vq4 byte per 4 numbers, fp16 norms)."""
     from .config import QJLConfig
     from .turbo import TurboKeys, TurboValues
 
     gen = torch.Generator().manual_seed(seed)
-    cfg = QJLConfig(turbo_value_bits=value_bits, turbo_outlier_fraction=0.125 if outliers else 0.0)
+    cfg = QJLConfig(turbo_value_bits=value_bits, turbo_outlier_fraction=0.125 if outliers else 0.0,
+                    turbo_norm_bits=norm_bits)
     keys, values = TurboKeys.for_layer(cfg, 0, D).to(device), TurboValues.for_layer(cfg, 0, D).to(device)
     k = torch.randn(1, H, Tc, D, generator=gen) * (1 + 3 * (torch.rand(D, generator=gen) > 0.9))
     v = torch.randn(1, H, Tc, D, generator=gen)
@@ -116,11 +119,12 @@ def turbo_case(D: int, H: int, g: int, L: int, Tc: int, Ne: int, dtype, device, 
     args = keys.op_args(state) | values.op_args(state)
     ek, ev = _exact_parts_for(H, Ne, L, D, dtype, device, gen)
     full = (q, ek, ev, args["key_codes"], args["key_bits"], args["key_centroids"], args["key_norms"],
-            args["key_rotation"], args["channels"], args["rest"], args["outlier_values"], args["outlier_scales"],
-            args["outlier_mins"], args["outlier_bits"], args["group_size"], args["residual_signs"],
-            args["residual_norms"], args["residual_projection"], args["residual_scale"], args["value_codes"],
-            args["value_bits"], args["value_tables"], args["value_norms"], args["value_rotation"], D ** -0.5)
-    shape = f"D{D} H{H} g{g} L{L} T{Tc}+{Ne} V{value_bits}{'' if outliers else ' r0'}"
+            args["key_norm_steps"], args["key_rotation"], args["channels"], args["rest"], args["outlier_values"],
+            args["outlier_scales"], args["outlier_mins"], args["outlier_bits"], args["group_size"],
+            args["residual_signs"], args["residual_norms"], args["residual_projection"], args["residual_scale"],
+            args["value_codes"], args["value_bits"], args["value_tables"], args["value_norms"],
+            args["value_norm_steps"], args["value_rotation"], D ** -0.5)
+    shape = f"D{D} H{H} g{g} L{L} T{Tc}+{Ne} V{value_bits} N{norm_bits}{'' if outliers else ' r0'}"
     return Case("qjl::turbo_attention", shape, str(dtype).replace("torch.", ""), full, _rel_err,
                 ATTENTION_TOL[dtype])
 
@@ -160,19 +164,22 @@ def encode_cases(D: int, rows: int, device, seed: int = 0) -> list[Case]:
     x = (torch.randn(2, rows // 2, D, generator=gen) * 3).to(device)
     out = []
     rot = rotation(D, 5).to(device)
-    for bits, vq in ((3, False), (2.5, False), (2, True)):
+    dev = str(torch.device(device))
+    # (bits, points of the 4-D codebook or 0 for Lloyd-Max): 512 points give 9-bit packed codes
+    for bits, points in ((3, 0), (2.5, 0), (2, 256), (2.25, 512)):
         parts = split_bits(bits, D)
-        books = [codebook_on(b, D, str(torch.device(device))) for b, _, _ in parts]
+        books = [codebook_on(b, D, dev) for b, _, _ in parts]
         args = (x, rot, [b for b, _, _ in parts], [e - a for _, a, e in parts], [c for c, _ in books],
-                [bd for _, bd in books], vq4_on(D, str(torch.device(device))) if vq else None)
-        out.append(Case("qjl::turbo_encode", f"{rows}x{D} {'vq4' if vq else f'{bits}-bit'}", "float32", args,
-                        _encode_err, 1e-3))
+                [bd for _, bd in books], vq4_on(D, dev, points) if points else None)
+        out.append(Case("qjl::turbo_encode", f"{rows}x{D} {f'vq4/{points}' if points else f'{bits}-bit'}", "float32",
+                        args, _encode_err, 1e-3))
     y = torch.randn(rows, D, generator=gen).to(device) / D ** 0.5
-    c3, b3 = codebook_on(3, D, str(torch.device(device)))
+    c3, b3 = codebook_on(3, D, dev)
     out.append(Case("qjl::scalar_quantize", f"{rows}x{D} 3-bit", "float32", (y, b3, 3), _mismatch, 0.0))
-    # vq: ties between two codebook points can break either way in float32: allow 1 in 1000 bytes to differ.
-    out.append(Case("qjl::vq_nearest", f"{rows}x{D}", "float32", (y, vq4_on(D, str(torch.device(device)))),
-                    _mismatch, 1e-3))
+    # vq: ties between two codebook points can break either way in float32: allow 1 in 1000 codes to differ.
+    for points in (256, 512):  # uint8 codes, int16 codes
+        out.append(Case("qjl::vq_nearest", f"{rows}x{D} {points}", "float32", (y, vq4_on(D, dev, points)),
+                        _mismatch, 1e-3))
     v = torch.randn(1, 2, rows // 2, D, generator=gen).to(device)
     out.append(Case("qjl::int_quantize", f"{rows}x{D} 2-bit/64", "float32", (v, 2, min(64, D)), _int_err, 0.0))
     out.append(Case("qjl::int_quantize", f"{rows}x32 4-bit/32", "float32",
@@ -188,16 +195,21 @@ def cases(which: str = "check", device="cuda") -> list[Case]:
     ("check": a Llama-3.1-8B layer at 4k tokens too)."""
     out = []
     for D in _k.HEAD_DIMS:
-        for dt in _k.FLOAT_TYPES:
+        for dt in _k.FLOAT_TYPES:  # the default layout: 9-bit values, 8-bit norms
             out.append(turbo_case(D, 2, 4, 1, 96, 9, dt, device, seed=D))
             out.append(sketch_case(D, 2, 4, 1, 96, 9, dt, device, seed=D + 1))
-        out.append(turbo_case(D, 2, 3, 5, 64, 21, torch.bfloat16, device, seed=D + 2))
-        out.append(turbo_case(D, 1, 1, 1, 37, 3, torch.float16, device, seed=D + 3, value_bits=3, outliers=False))
+        # the layouts before format 5 and the other value widths, fp16 and 8-bit norms across them
+        out.append(turbo_case(D, 2, 3, 5, 64, 21, torch.bfloat16, device, seed=D + 2, value_bits=2, norm_bits=16))
+        out.append(turbo_case(D, 1, 1, 1, 37, 3, torch.float16, device, seed=D + 3, value_bits=3, outliers=False,
+                              norm_bits=16))
         out.append(turbo_case(D, 2, 8, 1, 64, 5, torch.float32, device, seed=D + 4, value_bits=4))
+        out.append(turbo_case(D, 2, 2, 1, 64, 7, torch.float16, device, seed=D + 6, value_bits=2))
+        out.append(turbo_case(D, 1, 2, 3, 45, 5, torch.bfloat16, device, seed=D + 7, outliers=False, norm_bits=16))
         out.append(sketch_case(D, 2, 3, 4, 64, 70, torch.bfloat16, device, seed=D + 5, value_bits=4, center=True))
         out += encode_cases(D, 64, device, seed=D)
     if which == "check":
         out.append(turbo_case(128, 8, 4, 1, 4096, 36, torch.bfloat16, device, seed=7))
+        out.append(turbo_case(128, 8, 4, 1, 4096, 36, torch.bfloat16, device, seed=7, value_bits=2, norm_bits=16))
         out.append(turbo_case(128, 8, 4, 64, 4096, 600, torch.bfloat16, device, seed=8))
         out.append(sketch_case(128, 8, 4, 1, 4096, 100, torch.bfloat16, device, seed=9))
         out += encode_cases(128, 8 * 4096, device, seed=10)

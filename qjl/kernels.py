@@ -2,9 +2,11 @@
 
 `import qjl.kernels` registers a CUDA implementation under each op below (torch.library.register_kernel):
 
-  qjl::turbo_attention   fused split-K attention, --kv turbo (3-bit keys, 2/3/4-bit or vq4 values)
+  qjl::turbo_attention   fused split-K attention, --kv turbo (3-bit keys, 2/3/4-bit or vq4 values of 256 or
+                         512 points, fp16 or 8-bit norms)
   qjl::sketch_attention  fused split-K attention, --kv qjl (sign sketches, 2/4-bit integer values)
-  qjl::turbo_encode      rotation (cuBLAS, as the torch op), Lloyd-Max or vq4 codes, the least-squares scale
+  qjl::turbo_encode      rotation (cuBLAS, as the torch op), Lloyd-Max or vq4 codes (9-bit packed for 512
+                         points), the least-squares scale
   qjl::scalar_quantize, qjl::vq_nearest, qjl::int_quantize, qjl::sign_bits   encode steps
 
 The first call of one of them with CUDA tensors builds the extension from csrc/ (ninja; cached under
@@ -42,7 +44,8 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (64, 128)
 # Value kinds of the turbo kernel (csrc/attention.cu ValKind): (bits, table shape) -> kind.
-_TURBO_VALUES = {(2, (256, 4)): 0, (4, (256, 2)): 1, (3, (8, 1)): 2}
+_TURBO_VALUES = {(2, (256, 4)): 0, (4, (256, 2)): 1, (3, (8, 1)): 2, (9, (512, 4)): 4}
+MAX_CODEBOOK = 512  # points of a vq codebook the code kernel takes (9-bit indices)
 MAX_OUTLIERS = 64
 
 
@@ -232,23 +235,24 @@ def _dispatch(name: str, args: tuple, check: Callable, launch: Callable):
     return torch_impl(*args)
 
 
-def turbo_attention_cuda(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels,
-                         rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs,
-                         residual_norms, residual_projection, residual_scale, value_codes, value_bits, value_tables,
-                         value_norms, value_rotation, scaling):
-    args = (q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels, rest,
-            outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs, residual_norms,
-            residual_projection, residual_scale, value_codes, value_bits, value_tables, value_norms,
-            value_rotation, scaling)
+def turbo_attention_cuda(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_norm_steps,
+                         key_rotation, channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits,
+                         group_size, residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
+                         value_bits, value_tables, value_norms, value_norm_steps, value_rotation, scaling):
+    args = (q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_norm_steps, key_rotation,
+            channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs,
+            residual_norms, residual_projection, residual_scale, value_codes, value_bits, value_tables, value_norms,
+            value_norm_steps, value_rotation, scaling)
 
     def launch():
         table = value_tables[0]
         return _module().turbo_attention(
             q, _exact_parts(q, exact_k), _exact_parts(q, exact_v), key_codes[0],
-            key_centroids[0].float().contiguous(), key_norms, key_rotation.float().contiguous(), channels, rest,
-            outlier_values, outlier_scales, outlier_mins, int(outlier_bits), int(group_size), value_codes[0],
-            _TURBO_VALUES[(value_bits[0], tuple(table.shape))], table.float().reshape(-1).contiguous(),
-            value_norms, value_rotation.float().contiguous(), float(scaling))
+            key_centroids[0].float().contiguous(), key_norms, key_norm_steps, key_rotation.float().contiguous(),
+            channels, rest, outlier_values, outlier_scales, outlier_mins, int(outlier_bits), int(group_size),
+            value_codes[0], _TURBO_VALUES[(value_bits[0], tuple(table.shape))],
+            table.float().reshape(-1).contiguous(), value_norms, value_norm_steps,
+            value_rotation.float().contiguous(), float(scaling))
 
     return _dispatch("qjl::turbo_attention", args, check_turbo_attention, launch)
 
@@ -270,25 +274,6 @@ def sketch_attention_cuda(q, exact_k, exact_v, signs, key_norms, projection, ske
     return _dispatch("qjl::sketch_attention", args, check_sketch_attention, launch)
 
 
-def check_codes(y: Tensor, bits: list[int], lengths: list[int], vq_codebook: Optional[Tensor],
-                device_type: str = "cuda") -> Optional[str]:
-    """None if the code kernel takes y (float32 [..., dim]) with these parts or this codebook."""
-    _tensors_on(device_type, {"y": y, "codebook": vq_codebook})
-    if y.dtype != torch.float32:
-        return f"{y.dtype} input (kernels: float32)"
-    if y.dim() < 1 or y.shape[-1] % 8:
-        return f"{y.shape[-1] if y.dim() else 0} coordinates (kernels: a multiple of 8)"
-    if vq_codebook is not None:
-        if vq_codebook.dim() != 2 or vq_codebook.shape[1] != 4 or not 1 <= vq_codebook.shape[0] <= 256:
-            return f"a codebook of shape {tuple(vq_codebook.shape)} (kernels: [K <= 256, 4])"
-        return None
-    if not 1 <= len(bits) <= 2 or any(b not in (1, 2, 3, 4) for b in bits):
-        return f"{'+'.join(map(str, bits))}-bit codes (kernels: one or two parts of 1 to 4 bits)"
-    if sum(lengths) != y.shape[-1] or any(n % 8 for n in lengths):
-        return f"parts of {list(lengths)} coordinates for {y.shape[-1]}"
-    return None
-
-
 def turbo_encode_cuda(x, rotation, bits, lengths, centroids, boundaries, vq_codebook):
     args = (x, rotation, bits, lengths, centroids, boundaries, vq_codebook)
     torch_impl = TORCH_IMPL["qjl::turbo_encode"]
@@ -301,12 +286,12 @@ def turbo_encode_cuda(x, rotation, bits, lengths, centroids, boundaries, vq_code
         norms = x.norm(dim=-1)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
         y = ((x / safe.unsqueeze(-1)) @ rotation.T).contiguous()
-        reason = check_codes(y, bits, lengths, vq_codebook)
+        reason = check_codes(y, bits, lengths, vq_codebook, pack9=True)
         if reason is None:
             book = None if vq_codebook is None else vq_codebook.float().contiguous()
             packed, fit = _module().encode_codes(y, list(bits), list(lengths),
                                                  [b.float().contiguous() for b in boundaries],
-                                                 [c.float().contiguous() for c in centroids], book, True)
+                                                 [c.float().contiguous() for c in centroids], book, True, True)
             return list(packed), (norms * fit).to(torch.float16)
     fallback("qjl::turbo_encode", reason)
     return torch_impl(*args)
@@ -322,7 +307,7 @@ def scalar_quantize_cuda(y, boundaries, bits):
         reason = f"{boundaries.numel()} boundaries for {bits}-bit codes"
     if reason is None:
         packed, _ = _module().encode_codes(y.contiguous(), [int(bits)], [int(y.shape[-1])],
-                                           [boundaries.float().contiguous()], [], None, False)
+                                           [boundaries.float().contiguous()], [], None, False, False)
         return packed[0]
     fallback("qjl::scalar_quantize", reason)
     return torch_impl(y, boundaries, bits)
@@ -334,7 +319,9 @@ def vq_nearest_cuda(y, codebook):
         return torch_impl(y, codebook)
     reason = check_codes(y, [], [], codebook)
     if reason is None:
-        packed, _ = _module().encode_codes(y.contiguous(), [], [], [], [], codebook.float().contiguous(), False)
+        # int16 codes for more than 256 points, as the torch op returns them
+        packed, _ = _module().encode_codes(y.contiguous(), [], [], [], [], codebook.float().contiguous(), False,
+                                           False)
         return packed[0]
     fallback("qjl::vq_nearest", reason)
     return torch_impl(y, codebook)
@@ -394,7 +381,7 @@ def register() -> None:
 register()
 
 
-from .kernel_checks import (_dtype, _exact_parts, _non_contiguous, _tensors_on, _unsupported,  # noqa: E402,F401
+from .kernel_checks import (check_codes, _dtype, _exact_parts, _non_contiguous, _tensors_on, _unsupported,  # noqa: E402,F401
                             check_sketch_attention, check_turbo_attention)
 from .kernel_parity import (ATTENTION_TOL, Case, ParityRow, cases, check, encode_cases, format_table,  # noqa: E402,F401
                             parity, sketch_case, turbo_case)

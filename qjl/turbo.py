@@ -1,9 +1,10 @@
 """Rotation + Lloyd-Max codecs (`--kv turbo`, after TurboQuant, arXiv 2504.19874).
 
-Each vector x of a head is stored as a scale (fp16, about ||x||) and b-bit codes of the coordinates of
-y = R x / ||x||, where R is a random orthogonal matrix (one per model and role, from a seed) and each
-coordinate is quantised with the Lloyd-Max codebook of a rotated unit vector's coordinate (qjl/codebooks.py).
-No per-group scales or minimums. 2-bit values may use a 4-D codebook instead: one byte per 4 coordinates.
+Each vector x of a head is stored as a scale (about ||x||: fp16, or 8 bits, a code times an fp16 step per group
+of tokens) and b-bit codes of the coordinates of y = R x / ||x||, where R is a random orthogonal matrix (one per
+model and role, from a seed) and each coordinate is quantised with the Lloyd-Max codebook of a rotated unit
+vector's coordinate (qjl/codebooks.py). 2 or 2.25-bit values may use a 4-D codebook instead: the nearest of 256
+(one byte) or 512 points (9 bits) per 4 coordinates.
 
 Keys are scored from the codes: with y = x R^T (row vectors), <q, k> = <q R^T, k R^T>, so the query is
 rotated once and a per-query table of 2^b values per coordinate, (q R^T)_j * centroid_c, is summed by
@@ -19,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .codebooks import codebook_on, rotation, rotation_on, split_bits, vq4_on
-from .ops import packed_bytes, scalar_quantize, sign_bits, unpack_codes, vq_nearest
-from .ops.attention import turbo_key_scores, turbo_value_sum, value_index
+from .ops import norm_codes, pack_codes, packed_bytes, scalar_quantize, sign_bits, unpack_codes, vq_nearest
+from .ops.attention import scales, turbo_key_scores, turbo_value_sum, value_index
 from .ops.tables import byte_table
 from .outliers import OutlierChannels
 from .shared import SharedMatrices
@@ -33,7 +34,8 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
     """x [..., dim] float32 -> (packed codes of each part, fp16 scales [...]).
 
     y = R x/||x|| is coded part by part (the next lengths[p] coordinates at bits[p] bits each, the Lloyd-Max
-    cell among boundaries[p]), or, with a `vq_codebook` [256, 4], as the nearest point of each 4 coordinates.
+    cell among boundaries[p]), or, with a `vq_codebook` [K, 4], as the nearest point of each 4 coordinates
+    (K = 256: a byte each; 512: 9-bit codes in pack_codes' layout).
     The stored scale is ||x|| times the least-squares fit <y, y_hat> / ||y_hat||^2 of the codes to the unit
     vector, rather than ||x||: the same 16 bits, a smaller error (K3/V2 on SmolLM2: ppl x1.043 -> x1.028)."""
     norms = x.norm(dim=-1)
@@ -41,7 +43,8 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
     y = (x / safe.unsqueeze(-1)) @ rotation.T
     if vq_codebook is not None:
         codes = vq_nearest(y, vq_codebook)
-        packed, y_hat = [codes], vq_codebook[codes.long()].reshape(y.shape)
+        y_hat = vq_codebook[codes.long()].reshape(y.shape)
+        packed = [codes if vq_codebook.shape[0] <= 256 else pack_codes(codes, 9)]
     else:
         packed, parts, a = [], [], 0
         for b, n, c, bounds in zip(bits, lengths, centroids, boundaries):
@@ -51,6 +54,9 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
         y_hat = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
     fit = (y_hat * y).sum(-1) / (y_hat * y_hat).sum(-1).clamp_min(1e-30)
     return packed, (norms * fit).to(torch.float16)
+
+
+VQ_POINTS = {2: 256, 2.25: 512}  # value bits -> points of the 4-D codebook
 
 
 def _part_names(base: str, parts) -> list[str]:
@@ -63,9 +69,11 @@ class _Rotated(SharedMatrices):
 
     `dim` is the number of coordinates coded: head_dim, less the outlier channels a key codec keeps apart.
     `bits` may be fractional (2.25: a quarter of the coordinates at 3 bits, the rest at 2; split_bits).
+    `norm_bits` 8: each scale as a uint8 code and an fp16 step per `norm_group` tokens (norm_codes).
     """
 
-    def __init__(self, rotation: Tensor, bits: float, dim: int, rotation_seed: int):
+    def __init__(self, rotation: Tensor, bits: float, dim: int, rotation_seed: int, norm_bits: int = 16,
+                 norm_group: int = 32):
         if dim % 8 or dim < 8:
             raise ValueError(f"{dim} coded coordinates is not a multiple of 8")
         if tuple(rotation.shape) != (dim, dim):
@@ -77,7 +85,8 @@ class _Rotated(SharedMatrices):
         self.parts = split_bits(bits, dim)
         self.dim = dim
         self.rotation_seed = rotation_seed
-        self.vq = False  # TurboValues: 2-bit codes as one byte per 4 coordinates, from a 4-D codebook
+        self.vq = 0  # TurboValues: points of the 4-D codebook (256: a byte per 4 coordinates; 512: 9 bits)
+        self.norm_bits, self.norm_group = norm_bits, norm_group
 
     def _centroids(self, device) -> list[Tensor]:
         return [codebook_on(b, self.dim, str(torch.device(device)))[0] for b, _, _ in self.parts]
@@ -85,15 +94,30 @@ class _Rotated(SharedMatrices):
     def _encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         """x: [B, H, T, dim] float32 -> (packed codes of each part, fp16 scales)."""
         dev = str(x.device)
-        books = [codebook_on(b, self.dim, dev) for b, _, _ in self.parts]
-        return turbo_encode(x, self.rotation.to(x.device), [b for b, _, _ in self.parts],
-                            [e - a for _, a, e in self.parts], [c for c, _ in books], [bd for _, bd in books],
-                            vq4_on(self.dim, dev) if self.vq else None)
+        parts = [(2, 0, self.dim)] if self.vq else self.parts  # (the scalar parts are unused with a codebook)
+        books = [codebook_on(b, self.dim, dev) for b, _, _ in parts]
+        return turbo_encode(x, self.rotation.to(x.device), [b for b, _, _ in parts],
+                            [e - a for _, a, e in parts], [c for c, _ in books], [bd for _, bd in books],
+                            vq4_on(self.dim, dev, self.vq) if self.vq else None)
+
+    def _norm_state(self, base: str, norms: Tensor) -> dict[str, Tensor]:
+        """The fp16 scales as stored: as they are, or 8-bit codes + steps."""
+        if self.norm_bits == 16:
+            return {base: norms}
+        codes, steps = norm_codes(norms, self.norm_group)
+        return {base: codes, base + "_steps": steps}
+
+    def _norm_spec(self, base: str, batch: int, heads: int, tokens: int) -> dict[str, tuple]:
+        if self.norm_bits == 16:
+            return {base: (torch.float16, (batch, heads, tokens))}
+        return {base: (torch.uint8, (batch, heads, tokens)),
+                base + "_steps": (torch.float16, (batch, heads, tokens // self.norm_group))}
 
     def _tables(self, device) -> list[Tensor]:
-        """What each part's index decodes to (turbo_value_sum): [256, per] for whole bytes, [8, 1] for 3 bits."""
+        """What each part's index decodes to (turbo_value_sum): [256, per] for whole bytes, [8, 1] for 3 bits,
+        the [512, 4] codebook for 9-bit codes."""
         if self.vq:
-            return [vq4_on(self.dim, str(torch.device(device)))]
+            return [vq4_on(self.dim, str(torch.device(device)), self.vq)]
         return [c.unsqueeze(1) if b == 3 else byte_table(b, c)
                 for c, (b, _, _) in zip(self._centroids(device), self.parts)]
 
@@ -112,7 +136,7 @@ class _Rotated(SharedMatrices):
 
     def _codes_spec(self, base: str, batch: int, heads: int, tokens: int) -> dict[str, tuple]:
         if self.vq:
-            return {base: (torch.uint8, (batch, heads, tokens, self.dim // 4))}
+            return {base: (torch.uint8, (batch, heads, tokens, packed_bytes(self.dim // 4, 8 if self.vq == 256 else 9)))}
         return {name: (torch.uint8, (batch, heads, tokens, packed_bytes(b - a, bits)))
                 for name, (bits, a, b) in zip(_part_names(base, self.parts), self.parts)}
 
@@ -136,8 +160,8 @@ class TurboKeys(_Rotated):
 
     def __init__(self, rotation: Tensor, bits: float, head_dim: int, rotation_seed: int = 0,
                  projection: Tensor | None = None, projection_seed: int = 0, outliers: int = 0,
-                 group_size: int = 32, outlier_bits: int = 4):
-        super().__init__(rotation, bits, head_dim - outliers, rotation_seed)
+                 group_size: int = 32, outlier_bits: int = 4, norm_bits: int = 16):
+        super().__init__(rotation, bits, head_dim - outliers, rotation_seed, norm_bits, group_size)
         self.head_dim = head_dim
         self.projection = projection  # S: [m, dim] float32 for the residual, or None
         self.seed = projection_seed
@@ -154,7 +178,7 @@ class TurboKeys(_Rotated):
         m = config.turbo_residual_dim(head_dim - r)
         proj = jl_projection(m, head_dim - r, pseed) if m else None
         return cls(rotation(head_dim - r, rseed), config.turbo_key_bits, head_dim, rseed, proj, pseed,
-                   r, config.group_size, config.outlier_bits)
+                   r, config.group_size, config.outlier_bits, config.turbo_norm_bits)
 
     def to(self, device) -> "TurboKeys":
         self._move(device)
@@ -190,9 +214,9 @@ class TurboKeys(_Rotated):
             k = k.gather(3, self.rest.unsqueeze(2).expand(B, H, T, -1))
         packed, norms = self._encode(k)
         state.update(zip(_part_names("key_codes", self.parts), packed))
-        state["key_norms"] = norms
+        state.update(self._norm_state("key_norms", norms))
         if self.projection is not None:
-            res = k - self._decode(packed, norms)
+            res = k - self._decode(packed, scales(state["key_norms"], state.get("key_norms_steps")))
             state["key_residual_signs"] = sign_bits(res @ self.projection.to(k.device).T)
             state["key_residual_norms"] = res.norm(dim=-1).to(torch.float16)
         return state
@@ -201,7 +225,7 @@ class TurboKeys(_Rotated):
         names = _part_names("key_codes", self.parts)
         args = dict(key_codes=[state[n] for n in names], key_bits=[b for b, _, _ in self.parts],
                     key_centroids=self._centroids(state["key_norms"].device), key_norms=state["key_norms"],
-                    key_rotation=self.rotation, channels=self.head_outliers, rest=self.rest,
+                    key_norm_steps=state.get("key_norms_steps"), key_rotation=self.rotation, channels=self.head_outliers, rest=self.rest,
                     residual_signs=state.get("key_residual_signs"), residual_norms=state.get("key_residual_norms"),
                     residual_projection=self.projection, residual_scale=self.scale)
         if self.channels is not None:
@@ -215,7 +239,8 @@ class TurboKeys(_Rotated):
 
     def decode(self, state: dict[str, Tensor]) -> Tensor:
         """k_hat [B, H, T, D] float32 (without the residual, which is not invertible): the tests' reference."""
-        rest = self._decode([state[n] for n in _part_names("key_codes", self.parts)], state["key_norms"])
+        rest = self._decode([state[n] for n in _part_names("key_codes", self.parts)],
+                            scales(state["key_norms"], state.get("key_norms_steps")))
         if not self.outliers:
             return rest
         B, H, T, _ = rest.shape
@@ -227,7 +252,7 @@ class TurboKeys(_Rotated):
     def state_spec(self, batch: int, heads: int, tokens: int) -> dict[str, tuple]:
         spec = self.channels.state_spec(batch, heads, tokens) if self.channels else {}
         spec |= self._codes_spec("key_codes", batch, heads, tokens)
-        spec["key_norms"] = (torch.float16, (batch, heads, tokens))
+        spec |= self._norm_spec("key_norms", batch, heads, tokens)
         if self.projection is not None:
             spec["key_residual_signs"] = (torch.uint8, (batch, heads, tokens, self.projection.shape[0] // 8))
             spec["key_residual_norms"] = (torch.float16, (batch, heads, tokens))
@@ -238,19 +263,24 @@ class TurboKeys(_Rotated):
 
 
 class TurboValues(_Rotated):
-    """Values of one layer (the ValueCodec of qjl/codecs.py): an fp16 scale (about ||v||) and b-bit codes of
-    R v/||v|| (2 bits: one byte per 4 coordinates from the 4-D codebook, with codebook "vq4")."""
+    """Values of one layer (the ValueCodec of qjl/codecs.py): a scale (about ||v||) and b-bit codes of R v/||v||
+    (with codebook "vq4", 2 bits: one byte per 4 coordinates from the 256-point 4-D codebook; 2.25 bits: 9 bits
+    per 4 coordinates from the 512-point one)."""
 
     SHARED_ATTRS = {"value_rotation": "rotation"}
 
-    def __init__(self, rotation: Tensor, bits: float, dim: int, rotation_seed: int, codebook: str = "scalar"):
-        super().__init__(rotation, bits, dim, rotation_seed)
-        self.vq = codebook == "vq4" and bits == 2 and dim % 4 == 0
+    def __init__(self, rotation: Tensor, bits: float, dim: int, rotation_seed: int, codebook: str = "scalar",
+                 norm_bits: int = 16, norm_group: int = 32):
+        super().__init__(rotation, bits, dim, rotation_seed, norm_bits, norm_group)
+        if codebook == "vq4" and bits in VQ_POINTS and dim % 32 == 0:
+            self.vq = VQ_POINTS[bits]
+            self.parts = [(2 if self.vq == 256 else 9, 0, dim)]  # the index layout: bytes, or 9-bit codes
 
     @classmethod
     def for_layer(cls, config, layer_idx: int, head_dim: int) -> "TurboValues":
         vseed = config.matrix_seed("value_rotation")
-        return cls(rotation(head_dim, vseed), config.turbo_value_bits, head_dim, vseed, config.turbo_value_codebook)
+        return cls(rotation(head_dim, vseed), config.turbo_value_bits, head_dim, vseed, config.turbo_value_codebook,
+                   config.turbo_norm_bits, config.group_size)
 
     def to(self, device) -> "TurboValues":
         self._move(device)
@@ -264,24 +294,26 @@ class TurboValues(_Rotated):
 
     def encode(self, v: Tensor) -> dict[str, Tensor]:
         packed, norms = self._encode(v.float())
-        return {**dict(zip(_part_names("value_codes", self.parts), packed)), "value_norms": norms}
+        return {**dict(zip(_part_names("value_codes", self.parts), packed)), **self._norm_state("value_norms", norms)}
 
     def decode(self, state: dict[str, Tensor]) -> Tensor:
         """Dequantised values [B, H, T, D] float32: the reference for tests, never used by attention."""
-        return self._decode([state[n] for n in _part_names("value_codes", self.parts)], state["value_norms"])
+        return self._decode([state[n] for n in _part_names("value_codes", self.parts)],
+                            scales(state["value_norms"], state.get("value_norms_steps")))
 
     def op_args(self, state: dict[str, Tensor]) -> dict:
         return dict(value_codes=[state[n] for n in _part_names("value_codes", self.parts)],
                     value_bits=[b for b, _, _ in self.parts], value_tables=self._tables(state["value_norms"].device),
-                    value_norms=state["value_norms"], value_rotation=self.rotation)
+                    value_norms=state["value_norms"], value_norm_steps=state.get("value_norms_steps"),
+                    value_rotation=self.rotation)
 
     def weighted_sum(self, w: Tensor, state: dict[str, Tensor]) -> Tensor:
         """w: [B, H, Q, T] -> sum_t w_t v_t = (sum_t w_t s_t y_hat_t) R: [B, H, Q, D] float32."""
         return turbo_value_sum(w, **self.op_args(state))
 
     def state_spec(self, batch: int, heads: int, tokens: int) -> dict[str, tuple]:
-        return self._codes_spec("value_codes", batch, heads, tokens) | {
-            "value_norms": (torch.float16, (batch, heads, tokens))}
+        return self._codes_spec("value_codes", batch, heads, tokens) | self._norm_spec("value_norms", batch, heads,
+                                                                                       tokens)
 
     def param_spec(self, batch: int, heads: int) -> dict[str, tuple]:
         return {}

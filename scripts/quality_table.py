@@ -28,7 +28,8 @@ QJL = QJLConfig(kv="qjl", sink_tokens=0)  # the QJL mode as measured before sink
 PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
 TURBO0 = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_outlier_fraction=0.0, sink_tokens=0,
-                   buffer=64, turbo_value_codebook="scalar")  # turbo as first built (least-squares scales aside)
+                   buffer=64, turbo_value_codebook="scalar", turbo_norm_bits=16)  # turbo as first built (LS scales aside)
+F4 = QJLConfig(turbo_value_bits=2, turbo_norm_bits=16)  # the default of cache format 4: V2 vq4-256, fp16 scales
 HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8, query_aware_outliers=False)
 
 PRESETS = {
@@ -66,33 +67,43 @@ PRESETS = {
     },
     # The defaults of both modes and what each part of the turbo default buys (BENCHMARKS.md).
     "final": {
-        "turbo default: K3 + 8 channels apart, V2 (4-D codebook), 4 sink tokens, buffer 0": QJLConfig(),
-        "turbo default, scalar V2 codes": QJLConfig(turbo_value_codebook="scalar"),
-        "turbo default, no sink": QJLConfig(sink_tokens=0),
-        "turbo default, no channels apart": QJLConfig(turbo_outlier_fraction=0.0),
-        "turbo default, buffer 32": QJLConfig(buffer=32),
-        "turbo default, V2.25": QJLConfig(turbo_value_bits=2.25),
-        "turbo default, V3": QJLConfig(turbo_value_bits=3),
-        "turbo default, K4": QJLConfig(turbo_key_bits=4),
-        "turbo K2 + 16 channels apart, V2": QJLConfig(turbo_key_bits=2, turbo_outlier_fraction=0.25),
+        "turbo default: K3 + 8 channels apart, V2 (4-D codebook), 4 sink tokens, buffer 0": F4,
+        "turbo default, scalar V2 codes": F4.replace(turbo_value_codebook="scalar"),
+        "turbo default, no sink": F4.replace(sink_tokens=0),
+        "turbo default, no channels apart": F4.replace(turbo_outlier_fraction=0.0),
+        "turbo default, buffer 32": F4.replace(buffer=32),
+        "turbo default, V2.25": F4.replace(turbo_value_bits=2.25, turbo_value_codebook="scalar"),
+        "turbo default, V3": F4.replace(turbo_value_bits=3),
+        "turbo default, K4": F4.replace(turbo_key_bits=4),
+        "turbo K2 + 16 channels apart, V2": F4.replace(turbo_key_bits=2, turbo_outlier_fraction=0.25),
         "turbo as first built: K3/V2, buffer 64": TURBO0,
         "qjl default: as the table's, + 4 sink tokens": QJLConfig(kv="qjl"),
         "qjl, no sink": QJL,
         "paper: m=2d (4d in 2 early layers), 4 fp16 outliers/group, V 2-bit g32, buffer 128": PAPER,
     },
-    # Issue 16: the defaults on every genre, and what removing each error source buys (where the excess is).
+    # Issue 16: the defaults on every genre, and what removing each error source buys (where the excess is);
+    # measured with format 4's default.
     "genres": {
-        "turbo default (K3 + 8 apart, V2 vq4, 4 sinks)": QJLConfig(),
+        "turbo default (K3 + 8 apart, V2 vq4, 4 sinks)": F4,
         "qjl default (+ 4 sinks)": QJLConfig(kv="qjl"),
-        "turbo default, K4": QJLConfig(turbo_key_bits=4),
-        "turbo default, V4": QJLConfig(turbo_value_bits=4),
-        "turbo default, 64 sink tokens": QJLConfig(sink_tokens=64),
+        "turbo default, K4": F4.replace(turbo_key_bits=4),
+        "turbo default, V4": F4.replace(turbo_value_bits=4),
+        "turbo default, 64 sink tokens": F4.replace(sink_tokens=64),
+    },
+    # Issue 16, cache format 5: 8-bit scales pay for 2.25-bit values from a 512-point 4-D codebook.
+    "format5": {
+        "turbo default (format 5: K3 + 8 apart, V2.25 vq4-512, 8-bit scales)": QJLConfig(),
+        "format 4's default (V2 vq4-256, fp16 scales)": F4,
+        "format 4's default + 8-bit scales": F4.replace(turbo_norm_bits=8),
+        "format 5's codes, fp16 scales": QJLConfig(turbo_norm_bits=16),
+        "turbo-2.5 (K2 + 8 apart, V2.25 vq4-512, 8-bit scales)": QJLConfig(turbo_key_bits=2),
+        "qjl default (+ 4 sinks)": QJLConfig(kv="qjl"),
     },
     # Key bits traded for value bits around the turbo default (fractional bits: qjl/turbo.py split_bits).
     "trades": {
-        "turbo K2.75/V2.25": QJLConfig(turbo_key_bits=2.75, turbo_value_bits=2.25),
-        "turbo K2.875/V2.125": QJLConfig(turbo_key_bits=2.875, turbo_value_bits=2.125),
-        "turbo K3/V2.125": QJLConfig(turbo_value_bits=2.125),
+        "turbo K2.75/V2.25": F4.replace(turbo_key_bits=2.75, turbo_value_bits=2.25, turbo_value_codebook="scalar"),
+        "turbo K2.875/V2.125": F4.replace(turbo_key_bits=2.875, turbo_value_bits=2.125),
+        "turbo K3/V2.125": F4.replace(turbo_value_bits=2.125),
     },
 }
 

@@ -14,8 +14,9 @@ from qjl.config import QJLConfig
 
 CONFIGS = {
     "turbo default": QJLConfig(),
-    "turbo scalar V2": QJLConfig(turbo_value_codebook="scalar"),
-    "turbo K2.5/V2.25": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25),
+    "turbo scalar V2": QJLConfig(turbo_value_codebook="scalar", turbo_value_bits=2),
+    "turbo vq4 V2, fp16 norms": QJLConfig(turbo_value_bits=2, turbo_norm_bits=16),
+    "turbo K2.5/V2.25 scalar": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25, turbo_value_codebook="scalar"),
     "turbo K4/V3": QJLConfig(turbo_key_bits=4, turbo_value_bits=3),
     "turbo K1/V1, no channels apart": QJLConfig(turbo_key_bits=1, turbo_value_bits=1, turbo_outlier_fraction=0.0),
     "turbo residual, 8-bit outliers": QJLConfig(turbo_residual_ratio=1.0, outlier_bits=8),
@@ -47,7 +48,7 @@ def test_specs_describe_what_encode_makes(label, head_dim, one_thread):
         assert _shapes(own) == codec.param_spec(B, H)
 
 
-@pytest.mark.parametrize("label", ["turbo default", "qjl default", "turbo K2.5/V2.25"])
+@pytest.mark.parametrize("label", ["turbo default", "qjl default", "turbo K2.5/V2.25 scalar", "turbo vq4 V2, fp16 norms"])
 def test_fused_op_equals_scores_softmax_and_weighted_sum(label, one_thread):
     """The mode's attention op over codec states = softmax over [codec scores, exact logits] times [value sums,
     exact values], for a decode step (L=1) against compressed tokens and an exact tail."""

@@ -13,6 +13,7 @@ from qjl.keys import QJLKeys
 from qjl.sketch import jl_projection, unpack_bits
 from qjl.codebooks import rotation
 from qjl.ops import unpack_codes as unpack
+from qjl.ops.attention import scales
 from qjl.turbo import TurboKeys, TurboValues
 from qjl.values import QuantValues
 
@@ -154,15 +155,29 @@ def test_value_codec_on_cuda_equals_cpu(bits):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("bits", [2, 2.5, 3, 4])
+def _same_scales(s_gpu: dict, s_cpu: dict, name: str) -> None:
+    """fp16 scales within 1e-3; 8-bit ones: steps within 1e-3 and codes equal but for a rounding boundary."""
+    steps = name + "_steps"
+    if steps not in s_cpu:
+        torch.testing.assert_close(s_gpu[name].cpu(), s_cpu[name], rtol=1e-3, atol=0)
+        return
+    torch.testing.assert_close(s_gpu[steps].cpu(), s_cpu[steps], rtol=1e-3, atol=0)
+    diff = (s_gpu[name].cpu().int() - s_cpu[name].int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+    torch.testing.assert_close(scales(s_gpu[name], s_gpu[steps]).cpu(), scales(s_cpu[name], s_cpu[steps]),
+                               rtol=2e-3, atol=1.01 * s_cpu[steps].float().max().item())
+
+
+@pytest.mark.parametrize("norm_bits", [16, 8])
+@pytest.mark.parametrize("bits", [2, 2.25, 2.5, 3, 4])
 @pytest.mark.parametrize("D,r", [(64, 0), (64, 8), (128, 16)])
-def test_turbo_codecs_on_cuda_equal_cpu(bits, D, r):
-    B, H, T, Q = 1, 2, 704, 5
+def test_turbo_codecs_on_cuda_equal_cpu(bits, D, r, norm_bits):
+    B, H, T, Q = 1, 2, 704, 5  # 22 groups of 32 tokens
     gen = torch.Generator().manual_seed(int(bits * D) + r)
     k = torch.randn(B, H, T, D, generator=gen) * (1 + 4 * (torch.rand(D, generator=gen) > 0.9))
     q = torch.randn(B, H, Q, D, generator=gen)
-    cpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r)
-    gpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r).to(DEVICE)
+    cpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r, norm_bits=norm_bits)
+    gpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r, norm_bits=norm_bits).to(DEVICE)
     assert torch.equal(gpu.rotation.cpu(), cpu.rotation)  # the same matrix from the seed on either device
     s_cpu, s_gpu = cpu.encode(k), gpu.encode(k.to(DEVICE))
     assert set(s_cpu) == set(s_gpu)
@@ -172,7 +187,7 @@ def test_turbo_codecs_on_cuda_equal_cpu(bits, D, r):
     for name, (b, _, _) in zip(["key_codes", "key_codes_hi"], cpu.parts):
         same = unpack(s_gpu[name].cpu(), b) == unpack(s_cpu[name], b)
         assert same.float().mean() > 0.999
-    torch.testing.assert_close(s_gpu["key_norms"].cpu(), s_cpu["key_norms"], rtol=1e-3, atol=0)
+    _same_scales(s_gpu, s_cpu, "key_norms")
     # Table scoring of one state on either device, and against dequantise-then-matmul on the GPU.
     ref = cpu.scores(q, s_cpu)
     on_gpu = {n: t.to(DEVICE) for n, t in s_cpu.items()}
@@ -182,10 +197,18 @@ def test_turbo_codecs_on_cuda_equal_cpu(bits, D, r):
     torch.testing.assert_close(got, q.to(DEVICE) @ gpu.decode(on_gpu).transpose(-1, -2), rtol=1e-4, atol=tol)
     # Values: the weighted sum from codes on either device, and against weights @ dequantised values.
     v = torch.randn(B, H, T, D, generator=gen)
-    book = "vq4" if bits == 2 else "scalar"  # 2-bit values: the 4-D codebook, as the default
-    vc = TurboValues(rotation(D, 9), bits, D, 9, codebook=book)
-    vg = TurboValues(rotation(D, 9), bits, D, 9, codebook=book).to(DEVICE)
+    # 2 and 2.25-bit values: the 4-D codebook as the default (256 points a byte; 512 points in 9-bit codes)
+    book = "vq4" if bits in (2, 2.25) else "scalar"
+    vc = TurboValues(rotation(D, 9), bits, D, 9, codebook=book, norm_bits=norm_bits)
+    vg = TurboValues(rotation(D, 9), bits, D, 9, codebook=book, norm_bits=norm_bits).to(DEVICE)
     sv = vc.encode(v)
+    svg_own = vg.encode(v.to(DEVICE))  # the GPU's own codes (the encode kernel) against the CPU's
+    assert set(svg_own) == set(sv)
+    for name, (b, _, _) in zip(["value_codes", "value_codes_hi"], vc.parts):
+        assert svg_own[name].shape == sv[name].shape and svg_own[name].dtype == torch.uint8
+        same = unpack(svg_own[name].cpu(), b) == unpack(sv[name], b)
+        assert same.float().mean() > 0.999
+    _same_scales(svg_own, sv, "value_norms")
     w = torch.softmax(3 * torch.randn(B, H, Q, T, generator=gen), -1)
     ref = vc.weighted_sum(w, sv)
     svg = {n: t.to(DEVICE) for n, t in sv.items()}

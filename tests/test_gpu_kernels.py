@@ -25,6 +25,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GQA = [1, 3, 4, 8]
+# turbo layouts: the default (9-bit vq4 values of 512 points, 8-bit norms: cache format 5) and the one before it
+# (a vq4 byte per 4 values, fp16 norms)
+LAYOUTS = {"v2.25-n8": {}, "v2-n16": {"value_bits": 2, "norm_bits": 16}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,33 +50,68 @@ def _one(case: K.Case) -> K.ParityRow:
 
 
 # --- attention ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("g", GQA)
 @pytest.mark.parametrize("D", [64, 128])
-def test_turbo_decode(D, g, dtype):
-    _one(K.turbo_case(D, 2, g, 1, 32 * 17, 37, dtype, "cuda", seed=D * g))
+def test_turbo_decode(D, g, dtype, layout):
+    _one(K.turbo_case(D, 2, g, 1, 32 * 17, 37, dtype, "cuda", seed=D * g, **LAYOUTS[layout]))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("g", GQA)
 @pytest.mark.parametrize("D", [64, 128])
-def test_turbo_chunk(D, g, dtype):
-    _one(K.turbo_case(D, 2, g, 7, 32 * 9, 45, dtype, "cuda", seed=D * g + 1))
+def test_turbo_chunk(D, g, dtype, layout):
+    _one(K.turbo_case(D, 2, g, 7, 32 * 9, 45, dtype, "cuda", seed=D * g + 1, **LAYOUTS[layout]))
 
 
-@pytest.mark.parametrize("value_bits", [2, 3, 4])
+@pytest.mark.parametrize("norm_bits", [8, 16])
+@pytest.mark.parametrize("value_bits", [2, 2.25, 3, 4])
 @pytest.mark.parametrize("outliers", [True, False])
 @pytest.mark.parametrize("D", [64, 128])
-def test_turbo_value_widths_and_no_outliers(D, value_bits, outliers):
-    Tc = 32 * 11 if outliers else 333  # without outlier groups any token count
-    _one(K.turbo_case(D, 3, 4, 1, Tc, 5, torch.bfloat16, "cuda", seed=value_bits, value_bits=value_bits,
-                      outliers=outliers))
+def test_turbo_value_widths_norms_and_no_outliers(D, value_bits, outliers, norm_bits):
+    # 8-bit norms and outlier groups need whole groups of 32 tokens; fp16 norms without outliers any count
+    Tc = 333 if norm_bits == 16 and not outliers else 32 * 11
+    _one(K.turbo_case(D, 3, 4, 1, Tc, 5, torch.bfloat16, "cuda", seed=int(4 * value_bits), value_bits=value_bits,
+                      outliers=outliers, norm_bits=norm_bits))
 
 
+def test_turbo_9bit_values_reach_every_index():
+    """Codes with the ninth bit set in every position of a byte, and indices 0 and 511: the table look-up of
+    all 512 points (random values rarely use every one)."""
+    case = K.turbo_case(128, 2, 4, 1, 32 * 20, 9, torch.float32, "cuda", seed=5)
+    args = list(case.args)
+    codes = args[20][0]
+    n = 128 // 4
+    T = codes.shape[2]
+    idx = (torch.arange(2 * T * n, device="cuda").view(1, 2, T, n) * 37) % 512  # every index, ninth bits mixed
+    from qjl.ops import pack_codes
+
+    args[20] = [pack_codes(idx.to(torch.int16), 9)]
+    assert args[20][0].shape == codes.shape
+    _one(K.Case(case.op, case.shape + " all indices", case.dtype, tuple(args), case.compare, case.tol))
+
+
+def test_turbo_no_compressed_tokens():
+    """Only exact tokens (a layer before its first group is compressed): empty codes, norms and steps."""
+    for layout in LAYOUTS.values():
+        case = K.turbo_case(64, 2, 4, 1, 32, 12, torch.float16, "cuda", seed=2, **layout)
+        args = list(case.args)
+        for i in (3, 20):  # key_codes, value_codes
+            args[i] = [t[:, :, :0].contiguous() for t in args[i]]
+        for i in (6, 7, 11, 12, 13, 23, 24):  # norms, steps, outlier codes/scales/minimums
+            if args[i] is not None:
+                args[i] = args[i][:, :, :0].contiguous()
+        _one(K.Case(case.op, case.shape + " T0", case.dtype, tuple(args), case.compare, case.tol))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("L", [1, 3, 33])
-def test_turbo_long_and_short(L):
-    _one(K.turbo_case(128, 8, 4, L, 32 * 130, 31 + L, torch.bfloat16, "cuda", seed=L))
-    _one(K.turbo_case(128, 2, 4, L, 32, L, torch.float16, "cuda", seed=L + 1))  # one group, only the queries exact
+def test_turbo_long_and_short(L, layout):
+    _one(K.turbo_case(128, 8, 4, L, 32 * 130, 31 + L, torch.bfloat16, "cuda", seed=L, **LAYOUTS[layout]))
+    # one group, only the queries exact
+    _one(K.turbo_case(128, 2, 4, L, 32, L, torch.float16, "cuda", seed=L + 1, **LAYOUTS[layout]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -118,15 +156,23 @@ def test_unsupported_configuration_falls_back_with_one_warning():
 
 
 def test_bad_inputs_raise_before_any_launch():
-    case = K.turbo_case(64, 2, 2, 1, 64, 5, torch.float16, "cuda")
+    case = K.turbo_case(64, 2, 2, 1, 64, 5, torch.float16, "cuda")  # 8-bit norms: codes [6] and steps [7]
     args = list(case.args)
     args[6] = args[6].cpu()  # key_norms on the CPU
     with pytest.raises(ValueError, match="key_norms is on cpu"):
         K.turbo_attention_cuda(*args)
     args = list(case.args)
     args[6] = args[6].float()
-    with pytest.raises(TypeError, match="key_norms must be float16"):
+    with pytest.raises(TypeError, match=r"key_norms \(8-bit codes, with key_norm_steps\) must be uint8"):
         K.turbo_attention_cuda(*args)
+    args = list(case.args)
+    args[24] = args[24][:, :, :1]  # value_norm_steps of too few groups
+    with pytest.raises(ValueError, match="value_norms"):
+        K.turbo_attention_cuda(*args)
+    old = list(K.turbo_case(64, 2, 2, 1, 64, 5, torch.float16, "cuda", value_bits=2, norm_bits=16).args)
+    old[6] = old[6].float()
+    with pytest.raises(TypeError, match="key_norms must be float16"):
+        K.turbo_attention_cuda(*old)
     torch.cuda.synchronize()  # nothing was launched that could have failed
 
 
@@ -136,6 +182,44 @@ def test_bad_inputs_raise_before_any_launch():
 def test_encode_ops(D, rows):
     for case in K.encode_cases(D, rows, "cuda", seed=rows + D):
         _one(case)
+
+
+def test_vq_nearest_512_gives_int16_and_the_first_of_equal_points():
+    """Codes above 255 come back int16, as the torch op's; a point repeated later in the codebook never wins
+    (strict argmax: the first of equal scores), also across the 256 boundary."""
+    from qjl.codebooks import vq4_on
+
+    book = vq4_on(64, "cuda", 512).clone()
+    book[300] = book[20]
+    book[511] = book[400]
+    y = torch.randn(50, 64, device="cuda") / 8
+    y[:, :4] = book[20]
+    y[:, 4:8] = book[400]
+    got = K.vq_nearest_cuda(y, book)
+    assert got.dtype == torch.int16 and got.shape == (50, 16)
+    assert (got[:, 0] == 20).all() and (got[:, 1] == 400).all()
+    with K.torch_only():
+        ref = K.TORCH_IMPL["qjl::vq_nearest"](y, book)
+    assert (got[:, 2:] != ref[:, 2:]).float().mean().item() <= 1e-3  # cuBLAS may round the forced ties apart
+    assert int(got.max()) > 255  # some codes use the ninth bit
+
+
+def test_turbo_encode_9bit_layout():
+    """turbo_encode with 512 points: one part of n + n/8 bytes, pack_codes(codes, 9) of the nearest points."""
+    from qjl.codebooks import rotation, vq4_on
+    from qjl.ops import unpack_codes
+
+    D = 128
+    x = torch.randn(3, 40, D, device="cuda")
+    rot, book = rotation(D, 3).cuda(), vq4_on(D, "cuda", 512)
+    (packed,), scales = K.turbo_encode_cuda(x, rot, [2], [D], [], [], book)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 40, D // 4 + D // 32)
+    norms = x.norm(dim=-1, keepdim=True)
+    y = ((x / norms) @ rot.T).contiguous()
+    with K.torch_only():
+        near = K.TORCH_IMPL["qjl::vq_nearest"](y, book)
+    assert (unpack_codes(packed, 9) != near).float().mean().item() <= 1e-3
+    assert scales.dtype == torch.float16 and scales.shape == (3, 40)
 
 
 def test_sign_bits_odd_sizes():
@@ -152,7 +236,8 @@ def _greedy(model, cfg, ids, kv, steps=24):
     from qjl.cache import QJLCache
     from qjl.config import QJLConfig
 
-    cache = QJLCache(cfg, QJLConfig(kv=kv))
+    settings = {"turbo-v2-n16": dict(kv="turbo", turbo_value_bits=2, turbo_norm_bits=16)}.get(kv, dict(kv=kv))
+    cache = QJLCache(cfg, QJLConfig(**settings))
     model(ids[:, :-8], past_key_values=cache)
     cache.freeze_document()
     logits = model(ids[:, -8:], past_key_values=cache).logits[:, -1]
@@ -164,7 +249,7 @@ def _greedy(model, cfg, ids, kv, steps=24):
     return out
 
 
-@pytest.mark.parametrize("kv", ["turbo", "qjl"])
+@pytest.mark.parametrize("kv", ["turbo", "turbo-v2-n16", "qjl"])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 8, 2), (128, 6, 2)])
 def test_greedy_tokens_equal_with_and_without_kernels(kv, head_dim, heads, kv_heads, monkeypatch):
     model, cfg = _model(head_dim, heads, kv_heads)  # test_gpu.py's tiny Llama, q/k scaled so keys matter

@@ -193,21 +193,42 @@ def test_cli_help_lists_both_commands():
 
 
 # --- input checks of the dispatch wrappers (called directly; device_type "cpu" tests the other rules) -----------
-def _turbo(**change):
-    case = K.turbo_case(64, 2, 2, 1, 64, 5, torch.bfloat16, "cpu", seed=3)
-    names = ["q", "exact_k", "exact_v", "key_codes", "key_bits", "key_centroids", "key_norms", "key_rotation",
-             "channels", "rest", "outlier_values", "outlier_scales", "outlier_mins", "outlier_bits", "group_size",
-             "residual_signs", "residual_norms", "residual_projection", "residual_scale", "value_codes",
-             "value_bits", "value_tables", "value_norms", "value_rotation", "scaling"]
-    return dict(zip(names, case.args)) | change
+TURBO_ARGS = ["q", "exact_k", "exact_v", "key_codes", "key_bits", "key_centroids", "key_norms", "key_norm_steps",
+              "key_rotation", "channels", "rest", "outlier_values", "outlier_scales", "outlier_mins", "outlier_bits",
+              "group_size", "residual_signs", "residual_norms", "residual_projection", "residual_scale",
+              "value_codes", "value_bits", "value_tables", "value_norms", "value_norm_steps", "value_rotation",
+              "scaling"]
+
+
+def _turbo(old_layout: bool = False, **change):
+    """The op's arguments by name: the default layout (9-bit values, 8-bit norms), or the one before it."""
+    layout = dict(value_bits=2, norm_bits=16) if old_layout else {}
+    case = K.turbo_case(64, 2, 2, 1, 64, 5, torch.bfloat16, "cpu", seed=3, **layout)
+    return dict(zip(TURBO_ARGS, case.args)) | change
+
+
+def test_turbo_argument_names_follow_the_op():
+    import inspect
+
+    assert list(inspect.signature(turbo_attention._init_fn).parameters) == TURBO_ARGS
+    assert list(inspect.signature(K.turbo_attention_cuda).parameters) == TURBO_ARGS
+    assert list(inspect.signature(K.check_turbo_attention).parameters)[:-1] == TURBO_ARGS
 
 
 def test_the_parity_cases_are_valid_op_arguments_and_supported():
+    layouts = set()
     for c in K.cases("self-test", device="cpu"):
         if c.op == "qjl::turbo_attention":
             assert K.check_turbo_attention(*c.args, device_type="cpu") is None, c.shape
+            a = dict(zip(TURBO_ARGS, c.args))
+            layouts.add((a["value_bits"][0], a["key_norm_steps"] is not None, a["value_norm_steps"] is not None))
         elif c.op == "qjl::sketch_attention":
             assert K.check_sketch_attention(*c.args, device_type="cpu") is None, c.shape
+    # the default layout (9-bit values, 8-bit norms), the one before it (vq4 bytes, fp16 norms), the others
+    assert {(9, True, True), (9, False, False), (2, False, False), (2, True, True), (3, False, False),
+            (4, True, True)} <= layouts
+    encode = {c.shape for c in K.cases("self-test", device="cpu") if c.op in ("qjl::turbo_encode", "qjl::vq_nearest")}
+    assert {"64x64 vq4/512", "64x128 vq4/256", "64x64 512", "64x128 256"} <= encode
     rows = K.parity(K.cases("self-test", device="cpu")[:4], timing=True, kernels=dict(K.TORCH_IMPL))
     assert all(r.ok and r.max_err == 0 for r in rows)
     assert all(r.kernel_ms is not None and r.speedup is not None for r in rows)
@@ -224,11 +245,49 @@ def test_cpu_tensors_to_the_cuda_path_are_a_clear_error():
 
 
 def test_wrong_dtypes_are_a_clear_error():
-    args = _turbo()
+    old = _turbo(old_layout=True)
     with pytest.raises(TypeError, match="key_norms must be float16, not float32"):
-        K.check_turbo_attention(**(args | {"key_norms": args["key_norms"].float()}), device_type="cpu")
+        K.check_turbo_attention(**(old | {"key_norms": old["key_norms"].float()}), device_type="cpu")
     with pytest.raises(TypeError, match=r"key_codes\[0\] must be uint8, not int32"):
-        K.check_turbo_attention(**(args | {"key_codes": [args["key_codes"][0].int()]}), device_type="cpu")
+        K.check_turbo_attention(**(old | {"key_codes": [old["key_codes"][0].int()]}), device_type="cpu")
+    args = _turbo()  # 8-bit norms: uint8 codes with fp16 steps
+    with pytest.raises(TypeError, match=r"key_norms \(8-bit codes, with key_norm_steps\) must be uint8, not float16"):
+        K.check_turbo_attention(**(args | {"key_norms": args["key_norms"].half()}), device_type="cpu")
+    with pytest.raises(TypeError, match="value_norm_steps must be float16, not float32"):
+        K.check_turbo_attention(**(args | {"value_norm_steps": args["value_norm_steps"].float()}), device_type="cpu")
+    with pytest.raises(TypeError, match="value_norms must be float16, not uint8"):  # codes without their steps
+        K.check_turbo_attention(**(args | {"value_norm_steps": None}), device_type="cpu")
+
+
+def test_norm_steps_must_cover_whole_groups():
+    args = _turbo()
+    steps = args["key_norm_steps"]
+    assert args["key_norms"].shape == (1, 2, 64) and steps.shape == (1, 2, 2)  # 32 tokens a step
+    for bad in (steps[:, :, :1].repeat(1, 1, 3), steps[:, :1], steps[0], steps[:, :, :0]):
+        with pytest.raises(ValueError, match="want codes \\[B, H, T\\] and steps \\[B, H, T/G\\]"):
+            K.check_turbo_attention(**(args | {"key_norm_steps": bad}), device_type="cpu")
+    # no compressed tokens: empty codes and steps are fine
+    empty = {"key_norms": args["key_norms"][:, :, :0], "key_norm_steps": steps[:, :, :0]}
+    from qjl.kernel_checks import _norms
+
+    _norms(empty["key_norms"], empty["key_norm_steps"], "key_norms")
+    strided = torch.cat([steps, steps], dim=-1)[..., ::2]
+    assert K.check_turbo_attention(**(args | {"key_norm_steps": strided}), device_type="cpu") == \
+        "a non-contiguous key_norm_steps"
+
+
+def test_both_value_and_norm_layouts_are_covered():
+    new, old = _turbo(), _turbo(old_layout=True)
+    assert new["value_bits"] == [9] and tuple(new["value_tables"][0].shape) == (512, 4)
+    assert new["value_codes"][0].shape[-1] == 64 // 4 + 64 // 32  # 16 low bytes, 2 bytes of ninth bits
+    assert new["key_norms"].dtype == new["value_norms"].dtype == torch.uint8
+    assert new["key_norm_steps"].dtype == new["value_norm_steps"].dtype == torch.float16
+    assert old["value_bits"] == [2] and tuple(old["value_tables"][0].shape) == (256, 4)
+    assert old["key_norm_steps"] is None and old["value_norms"].dtype == torch.float16
+    for args in (new, old, new | {"value_norm_steps": None, "value_norms": old["value_norms"]},
+                 old | {k: new[k] for k in ("key_norms", "key_norm_steps")}):
+        assert K.check_turbo_attention(**args, device_type="cpu") is None
+    assert K._TURBO_VALUES[(9, (512, 4))] == 4  # csrc/attention.cu VAL_TAB9
 
 
 def test_unsupported_configurations_name_what_is_missing():
@@ -240,7 +299,9 @@ def test_unsupported_configurations_name_what_is_missing():
     assert check(q=q.to(torch.float64)) == "queries of dtype torch.float64"
     assert check(key_bits=[2]) == "2-bit keys (kernels: 3)"
     assert check(value_bits=[2, 3], value_tables=args["value_tables"] * 2) == \
-        "2+3-bit values (kernels: one part of 2, 3 or 4 bits)"
+        "2+3-bit values (kernels: one part of 2, 3, 4 or 9 bits)"
+    assert check(value_tables=[torch.randn(256, 4)]).startswith("9-bit values with a (256, 4) table (kernels: ")
+    assert check(value_bits=[2]).startswith("2-bit values with a (512, 4) table")
     assert check(residual_projection=torch.randn(64, 56)) == "a residual sketch (turbo_residual_ratio > 0)"
     assert check(outlier_bits=4, group_size=8).startswith("4-bit outliers over 8-token groups")
     n = 4 * len(args["exact_k"])
@@ -270,6 +331,17 @@ def test_code_checks():
     assert K.check_codes(y, [8], [64], None, device_type="cpu").startswith("8-bit codes")
     assert K.check_codes(y, [], [], torch.randn(256, 4), device_type="cpu") is None
     assert K.check_codes(y, [], [], torch.randn(16, 2), device_type="cpu").startswith("a codebook of shape (16, 2)")
+    # 512 points: int16 codes (vq_nearest) for any multiple of 8; 9-bit packed (turbo_encode) in whole bytes
+    book = torch.randn(512, 4)
+    assert K.check_codes(y, [], [], book, device_type="cpu") is None
+    assert K.check_codes(y, [], [], book, device_type="cpu", pack9=True) is None
+    y40 = torch.randn(4, 40)
+    assert K.check_codes(y40, [], [], book, device_type="cpu") is None
+    assert K.check_codes(y40, [], [], book, device_type="cpu", pack9=True) == \
+        "9-bit codes of 40 coordinates (kernels: a multiple of 32)"
+    assert K.check_codes(y40, [], [], torch.randn(256, 4), device_type="cpu", pack9=True) is None
+    assert K.check_codes(y, [], [], torch.randn(513, 4), device_type="cpu") == \
+        "a codebook of shape (513, 4) (kernels: [K <= 512, 4])"
 
 
 def test_exact_parts_are_made_kernel_ready():

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler:
 
 SETTINGS = {
     "default": QJLConfig(),
-    "scalar V2": QJLConfig(turbo_value_codebook="scalar"),
-    "K2.5/V2.25": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25),
+    "vq4 V2, fp16 norms (format 4's default)": QJLConfig(turbo_value_bits=2, turbo_norm_bits=16),
+    "scalar V2": QJLConfig(turbo_value_codebook="scalar", turbo_value_bits=2),
+    "K2.5/V2.25 scalar, fp16 norms": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25,
+                                               turbo_value_codebook="scalar", turbo_norm_bits=16),
     "K4/V3": QJLConfig(turbo_key_bits=4, turbo_value_bits=3),
     "K1/V1, no channels apart": QJLConfig(turbo_key_bits=1, turbo_value_bits=1, turbo_outlier_fraction=0.0),
     "8-bit channels apart": QJLConfig(outlier_bits=8),
@@ -60,7 +62,15 @@ def test_vq_nearest_picks_the_same_codes():
     assert torch.equal(got, vq_nearest._init_fn(y, cb))
 
 
-@pytest.mark.parametrize("K,C", [(13, 4), (256, 2), (100, 8), (1, 4)])
+def test_vq_nearest_of_512_points_gives_int16_codes():
+    gen = torch.Generator().manual_seed(1)
+    y, cb = torch.randn(3, 5, 64, generator=gen), torch.randn(512, 4, generator=gen)
+    got = native.vq_nearest_cpu(y, cb)
+    assert got.dtype == torch.int16 and int(got.max()) > 255
+    assert torch.equal(got, vq_nearest._init_fn(y, cb))
+
+
+@pytest.mark.parametrize("K,C", [(13, 4), (256, 2), (100, 8), (1, 4), (300, 4)])
 def test_vq_nearest_on_any_codebook_size_and_ties_pick_the_first(K, C):
     """Codebooks that are not a multiple of the kernel's 8 lanes, and repeated codewords: the lowest index wins,
     as torch's argmax picks it."""

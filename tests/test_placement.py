@@ -245,18 +245,22 @@ def test_a_cache_of_another_dtype_is_refused_naming_both(tiny_folder, tmp_path):
     Session(fp32, QJLConfig()).load_cache(path, max_new_tokens=16)  # its own dtype loads
 
 
-def test_a_file_of_format_version_3_is_refused_with_one_line(tiny_folder, tmp_path):
+@pytest.mark.parametrize("old", ["3", "4"])
+def test_a_file_of_an_older_format_version_is_refused_with_one_line(tiny_folder, tmp_path, old):
     """Files written before the identity held dtype and revision (version 3) would fail the identity check with a
-    misleading message; the version bump says what happened instead."""
+    misleading message, and version 4's turbo scales and values are laid out otherwise than version 5's; the
+    version says what happened instead."""
+    from qjl.cachefile import FORMAT_VERSION
     from qjl.store import _file_tensors, cache_metadata, read_cache_file, write_cache_file
 
     loaded = load_model(str(tiny_folder), device="cpu")
     session = Session(loaded, QJLConfig())
     session.load_document(DOCUMENT, max_new_tokens=16)
     meta = cache_metadata(session.cache, model_name="tiny", identity=loaded.identity, suffix_template="{question}")
-    meta["format_version"] = "3"
+    meta["format_version"] = old
     write_cache_file(tmp_path / "old.qjl", _file_tensors(session.cache), meta)
-    with pytest.raises(CacheFileError, match="version '3', this qjl reads version 4; save the document again"):
+    assert FORMAT_VERSION == "5"
+    with pytest.raises(CacheFileError, match=f"version '{old}', this qjl reads version 5; save the document again"):
         read_cache_file(tmp_path / "old.qjl", loaded.model.config, loaded.identity)
 
 

@@ -123,7 +123,7 @@ def test_the_4d_codebook_beats_the_scalar_code_at_2_bits():
 def test_vq4_values_pick_the_nearest_codeword_and_sum_like_the_reference():
     from qjl.codebooks import vq4_on as _vq4_on
     codec = TurboValues(rotation(64, 3), 2, 64, 3, codebook="vq4")
-    assert codec.vq and not TurboValues(rotation(64, 3), 3, 64, 3, codebook="vq4").vq  # 2 bits only
+    assert codec.vq == 256 and not TurboValues(rotation(64, 3), 3, 64, 3, codebook="vq4").vq  # 2 and 2.25 bits only
     v = torch.randn(1, 2, 80, 64, generator=_gen(3))
     state = codec.encode(v)
     assert state["value_codes"].shape == (1, 2, 80, 16) and state["value_codes"].dtype == torch.uint8
@@ -136,6 +136,68 @@ def test_vq4_values_pick_the_nearest_codeword_and_sum_like_the_reference():
     scalar = TurboValues(rotation(64, 3), 2, 64, 3)
     err = lambda c: (c.decode(c.encode(v)) - v).pow(2).sum().item()  # noqa: E731
     assert err(codec) < 0.9 * err(scalar)
+
+
+def test_the_512_point_codebook_errs_a_quarter_less_than_the_256_point_one():
+    from qjl.codebooks import vq4_codebook
+    x = torch.randn(100_000, 4, generator=_gen(22), dtype=torch.float64)
+
+    def mse(cb):
+        return ((x - cb[(x @ cb.T - 0.5 * (cb * cb).sum(1)).argmax(1)]) ** 2).mean().item()
+
+    cb = vq4_codebook(512).double()
+    assert cb.shape == (512, 4) and torch.isfinite(cb).all() and len(set(map(tuple, cb.tolist()))) == 512
+    assert mse(cb) < 0.072 and mse(cb) < 0.76 * mse(vq4_codebook(256).double())
+
+
+def test_values_at_2_25_bits_are_9_bit_codes_of_the_nearest_of_512_points():
+    from qjl.codebooks import vq4_on as _vq4_on
+    from qjl.ops import unpack_codes
+    codec = TurboValues(rotation(64, 3), 2.25, 64, 3, codebook="vq4")
+    assert codec.vq == 512
+    v = torch.randn(1, 2, 64, 64, generator=_gen(5))
+    state = codec.encode(v)
+    assert state["value_codes"].shape == (1, 2, 64, 18) and state["value_codes"].dtype == torch.uint8
+    codes = unpack_codes(state["value_codes"], 9).long()
+    assert int(codes.max()) > 255
+    y = (v / v.norm(dim=-1, keepdim=True)) @ codec.rotation.T
+    brute = ((y.reshape(1, 2, 64, 16, 1, 4) - _vq4_on(64, "cpu", 512)) ** 2).sum(-1).argmin(-1)
+    assert (brute == codes).float().mean() > 0.999  # ties aside
+    w = torch.softmax(torch.randn(1, 2, 5, 64, generator=_gen(4)), dim=-1)
+    assert torch.allclose(codec.weighted_sum(w, state), w @ codec.decode(state), atol=1e-5)
+    err = lambda c: (c.decode(c.encode(v)) - v).pow(2).sum().item()  # noqa: E731
+    assert err(codec) < 0.8 * err(TurboValues(rotation(64, 3), 2, 64, 3, codebook="vq4"))
+
+
+def test_norm_codes_keep_each_scale_within_half_a_step():
+    from qjl.ops import norm_codes
+    n = torch.rand(2, 3, 96, generator=_gen(6)).half() * 40
+    n[0, 0, 32:64] = 0  # a group of zeros
+    codes, steps = norm_codes(n, 32)
+    assert codes.dtype == torch.uint8 and codes.shape == n.shape
+    assert steps.dtype == torch.float16 and steps.shape == (2, 3, 3)
+    back = codes.float() * steps.float().repeat_interleave(32, dim=2)
+    assert ((back - n.float()).abs() <= steps.float().repeat_interleave(32, dim=2) / 2 + 1e-6).all()
+    assert (back[0, 0, 32:64] == 0).all() and int(codes.max()) == 255
+    with pytest.raises(ValueError, match="multiple"):
+        norm_codes(n[..., :40], 32)
+
+
+def test_8_bit_norms_score_and_sum_like_fp16_ones():
+    """The same codes with the scales in 8 bits: logits and value sums within a fraction of a percent."""
+    k = torch.randn(1, 2, 64, 64, generator=_gen(7)) * (1 + torch.rand(1, 2, 64, 1, generator=_gen(8)))
+    q = torch.randn(1, 2, 3, 64, generator=_gen(9))
+    keys8, keys16 = _keys(3), _keys(3)
+    keys8.norm_bits = 8
+    s8, s16 = keys8.encode(k), keys16.encode(k)
+    assert s8["key_norms"].dtype == torch.uint8 and s8["key_norms_steps"].shape == (1, 2, 2)
+    assert torch.equal(s8["key_codes"], s16["key_codes"])
+    torch.testing.assert_close(keys8.scores(q, s8), keys16.scores(q, s16), rtol=0.01, atol=0.05)
+    vals8 = TurboValues(rotation(64, 3), 2.25, 64, 3, codebook="vq4", norm_bits=8)
+    vals16 = TurboValues(rotation(64, 3), 2.25, 64, 3, codebook="vq4")
+    w = torch.softmax(torch.randn(1, 2, 5, 64, generator=_gen(10)), dim=-1)
+    torch.testing.assert_close(vals8.weighted_sum(w, vals8.encode(k)), vals16.weighted_sum(w, vals16.encode(k)),
+                               rtol=0.01, atol=0.01)
 
 
 def test_the_residual_sketch_makes_inner_products_unbiased():
@@ -304,7 +366,7 @@ def test_bits_by_hand(tiny):
     """K3/V2, residual m=d, d=64, 2 KV heads, 2 layers, 600 tokens: 512 compressed + an 88-token fp16 window."""
     model, cfg = tiny
     config = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_residual_ratio=1.0,
-                       turbo_outlier_fraction=0.0, sink_tokens=0, buffer=64)
+                       turbo_outlier_fraction=0.0, sink_tokens=0, buffer=64, turbo_norm_bits=16)
     _, cache = _ask(model, cfg, _ids(DOC + TAIL), config)
     cache.rollback()
     d, h, layers, nc = 64, 2, 2, 512
@@ -320,19 +382,22 @@ def test_bits_by_hand(tiny):
 def test_default_bits_by_hand(tiny):
     """The default turbo cache, d=64, 2 KV heads, 2 layers, 600 tokens: 4 sink tokens, then 576 compressed in
     groups of 32 (buffer 0), 20 left in the window; keys: 8 channels apart (4-bit over 32 tokens, fp16 scale and
-    minimum) and 3-bit codes of the other 56; values: 2-bit codes of 64."""
+    minimum) and 3-bit codes of the other 56; values: 9-bit codes of each 4 of 64; each scale 8 bits, with an
+    fp16 step per 32 tokens for keys and for values."""
     model, cfg = tiny
     config = QJLConfig()
-    assert (config.kv, config.turbo_key_bits, config.turbo_value_bits, config.turbo_outlier_fraction,
-            config.sink_tokens, config.exact_buffer(), config.outlier_bits) == ("turbo", 3, 2, 0.125, 4, 0, 4)
+    assert (config.kv, config.turbo_key_bits, config.turbo_value_bits, config.turbo_value_codebook,
+            config.turbo_norm_bits, config.turbo_outlier_fraction, config.sink_tokens, config.exact_buffer(),
+            config.outlier_bits) == ("turbo", 3, 2.25, "vq4", 8, 0.125, 4, 0, 4)
     _, cache = _ask(model, cfg, _ids(DOC + TAIL), config)
     cache.rollback()
     d, h, layers, r, sink = 64, 2, 2, 8, 4
     nc = (DOC - sink) // 32 * 32
     assert [layer.n_compressed for layer in cache.layers] == [nc] * layers
-    key = (d - r) * 3 // 8 + 2  # codes of the rotated rest, fp16 scale
+    key = (d - r) * 3 // 8 + 1  # codes of the rotated rest, 8-bit scale
     outliers = (nc // 32) * r * (32 * 4 // 8 + 2 + 2) + r * 8  # per group and channel; channel numbers (int64)
-    value = d * 2 // 8 + 2
+    value = d // 4 * 9 // 8 + 1
+    outliers += (nc // 32) * 2 * 2  # the fp16 steps of the key and the value scales, per 32 tokens
     exact = (DOC - nc) * d * 2 * 2  # sink and window, keys and values in fp16
     shared = (d - r) ** 2 * 4 + d * d * 4  # the key rotation (56 x 56) and the value rotation, once
     assert cache.document_nbytes() == layers * h * (nc * (key + value) + outliers + exact) + shared

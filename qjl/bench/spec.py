@@ -49,8 +49,8 @@ class ModeSpec:
 _WINDOW = dict(q_group_size=64, residual_length=128)
 MODES: dict[str, ModeSpec] = {m.name: m for m in (
     ModeSpec("turbo", "qjl's default: rotation + Lloyd-Max codes, ~3 bits", kv="turbo"),
-    ModeSpec("turbo-2.5", "turbo at about 2.5 bits: 2-bit keys (+ 8 channels apart), 2-bit values (not in the "
-             "default set)", kv="turbo", config=TURBO_PRESETS["2.5"], default=False),
+    ModeSpec("turbo-2.5", "turbo at about 2.5 bits: 2-bit keys (+ 8 channels apart), 2.25-bit values (not in "
+             "the default set)", kv="turbo", config=TURBO_PRESETS["2.5"], default=False),
     ModeSpec("qjl", "the paper's 1-bit QJL keys + 2-bit values", kv="qjl"),
     ModeSpec("exact", "transformers' ordinary cache, the model's dtype (the reference)", kv="exact"),
     ModeSpec("quanto-4bit", "QuantizedCache, optimum-quanto int4, group 64, residual 128", backend="quanto",
@@ -195,8 +195,8 @@ def estimate_bytes(geom: Geometry, context: int, mode: str, chunk: int | None, d
         kv = numbers * dtype_bytes
     elif spec.is_peer:  # quantised states, plus one layer dequantised (and concatenated) at a time
         kv = numbers * (spec.peer_kwargs["nbits"] + 2) // 8 + 3 * numbers // geom.layers * dtype_bytes
-    else:  # qjl and turbo hold ~3 bits a number; encoding a layer's chunk takes a [groups, 256] search
-        kv = numbers * 4 // 8 + 64 * min(chunk or context, context) * geom.kv_heads * geom.head_dim * 4
+    else:  # qjl and turbo hold ~3 bits a number; encoding a layer's chunk takes a [groups, 512] search
+        kv = numbers * 4 // 8 + 128 * min(chunk or context, context) * geom.kv_heads * geom.head_dim * 4
     chunk = min(chunk or context, context)
     # One pass over the whole context runs causal SDPA, which never holds the [chunk, context] scores; a later
     # chunk of several attends with a mask, which does (float32, a few copies).

@@ -52,11 +52,13 @@ class TurboArgs(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "R", "L", "D", "dim", "T", "Ne")] + [
         ("q", P), ("ke", P), ("ve", P), ("nkp", ctypes.c_int),
         ("kbits", ctypes.c_int * MAX_PARTS), ("knb", ctypes.c_int * MAX_PARTS), ("klen", ctypes.c_int * MAX_PARTS),
-        ("kcodes", P * MAX_PARTS), ("kcent", P * MAX_PARTS), ("knorms", P), ("krot", P),
+        ("kcodes", P * MAX_PARTS), ("kcent", P * MAX_PARTS), ("knorms", P), ("kncodes", P), ("knsteps", P),
+        ("krot", P),
         ("r", ctypes.c_int), ("channels", P), ("rest", P), ("ocodes", P), ("oscales", P), ("omins", P),
         ("obits", ctypes.c_int), ("G", ctypes.c_int), ("nvp", ctypes.c_int),
         ("vbits", ctypes.c_int * MAX_PARTS), ("vnb", ctypes.c_int * MAX_PARTS), ("vper", ctypes.c_int * MAX_PARTS),
-        ("vcodes", P * MAX_PARTS), ("vtab", P * MAX_PARTS), ("vnorms", P), ("vrot", P),
+        ("vcodes", P * MAX_PARTS), ("vtab", P * MAX_PARTS), ("vnorms", P), ("vncodes", P), ("vnsteps", P),
+        ("NG", ctypes.c_int), ("vrot", P),
         ("scaling", ctypes.c_float), ("out", P)]
 
 
@@ -133,12 +135,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def vq_nearest_cpu(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     lib = library()
     c = codebook.shape[1]
-    if (lib is None or y.dtype != torch.float32 or codebook.dtype != torch.float32 or codebook.shape[0] > 256
+    if (lib is None or y.dtype != torch.float32 or codebook.dtype != torch.float32 or codebook.shape[0] > 512
             or c > 8 or y.shape[-1] % c):
         return encode_ops.vq_nearest._init_fn(y, codebook)
     y, cb = y.contiguous(), codebook.contiguous()
     half = (0.5 * (cb * cb).sum(-1)).contiguous()  # as the torch op computes it
-    out = torch.empty(*y.shape[:-1], y.shape[-1] // c, dtype=torch.uint8)
+    dtype = torch.uint8 if cb.shape[0] <= 256 else torch.int16  # as the torch op
+    out = torch.empty(*y.shape[:-1], y.shape[-1] // c, dtype=dtype)
     if lib.qjl_vq_nearest(out.numel(), c, cb.shape[0], _ptr(y), _ptr(cb), _ptr(half), _ptr(out), threads()):
         raise RuntimeError("qjl_vq_nearest refused its arguments")
     return out
@@ -159,29 +162,38 @@ def pack_codes_cpu(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 # --- turbo attention ---------------------------------------------------------------------------------
-def _covered(q, exact_k, key_codes, key_norms, channels, outlier_bits, outlier_scales, residual_projection,
-             value_codes, value_norms) -> bool:
+def _norms_covered(norms, steps, other_steps) -> bool:
+    """fp16 scales, or uint8 codes with fp16 steps over the same token groups as the other side's."""
+    if steps is None:
+        return norms.dtype == torch.float16 and other_steps is None
+    return (norms.dtype == torch.uint8 and steps.dtype == torch.float16 and other_steps is not None
+            and steps.shape == other_steps.shape and steps.shape[2] > 0 and norms.shape[2] % steps.shape[2] == 0)
+
+
+def _covered(q, exact_k, key_codes, key_norms, key_norm_steps, channels, outlier_bits, outlier_scales,
+             residual_projection, value_codes, value_norms, value_norm_steps) -> bool:
     B, Hq, L, D = q.shape
     rows = Hq // exact_k[0].shape[1] * L
     return (residual_projection is None and rows <= MAX_ROWS and D <= MAX_HEAD_DIM and len(key_codes) <= MAX_PARTS
             and (channels is None or channels.shape[-1] <= MAX_CHANNELS)
-            and len(value_codes) <= MAX_PARTS and key_norms.dtype == value_norms.dtype == torch.float16
+            and len(value_codes) <= MAX_PARTS and _norms_covered(key_norms, key_norm_steps, value_norm_steps)
+            and _norms_covered(value_norms, value_norm_steps, key_norm_steps)
             and (channels is None or (outlier_bits in (2, 4, 8) and outlier_scales.dtype == torch.float16))
             and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
-def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_rotation,
-                        channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
-                        residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
-                        value_bits, value_tables, value_norms, value_rotation, scaling):
+def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_norm_steps,
+                        key_rotation, channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits,
+                        group_size, residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
+                        value_bits, value_tables, value_norms, value_norm_steps, value_rotation, scaling):
     lib = library()
-    if lib is None or not _covered(q, exact_k, key_codes, key_norms, channels, outlier_bits, outlier_scales,
-                                   residual_projection, value_codes, value_norms):
+    if lib is None or not _covered(q, exact_k, key_codes, key_norms, key_norm_steps, channels, outlier_bits,
+                                   outlier_scales, residual_projection, value_codes, value_norms, value_norm_steps):
         return attention_ops.turbo_attention._init_fn(
-            q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels, rest,
-            outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs, residual_norms,
-            residual_projection, residual_scale, value_codes, value_bits, value_tables, value_norms, value_rotation,
-            scaling)
+            q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_norm_steps, key_rotation,
+            channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs,
+            residual_norms, residual_projection, residual_scale, value_codes, value_bits, value_tables, value_norms,
+            value_norm_steps, value_rotation, scaling)
     B, Hq, L, D = q.shape
     H = exact_k[0].shape[1]
     c = Pointers()  # every tensor handed to C stays referenced until the call returns
@@ -195,14 +207,20 @@ def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids,
     for p, (codes, bits, cent) in enumerate(zip(key_codes, key_bits, key_centroids)):
         a.kbits[p], a.knb[p], a.klen[p] = bits, codes.shape[-1], codes.shape[-1] * 8 // bits
         a.kcodes[p], a.kcent[p] = c(codes), c(cent, torch.float32)
-    a.knorms, a.krot = c(key_norms), c(key_rotation, torch.float32)
+    if key_norm_steps is None:
+        a.knorms, a.vnorms = c(key_norms), c(value_norms)
+    else:
+        a.kncodes, a.knsteps = c(key_norms), c(key_norm_steps)
+        a.vncodes, a.vnsteps = c(value_norms), c(value_norm_steps)
+        a.NG = key_norms.shape[2] // key_norm_steps.shape[2]
+    a.krot = c(key_rotation, torch.float32)
     if channels is not None:
         a.channels, a.rest = c(channels, torch.int64), c(rest, torch.int64)
         a.ocodes, a.oscales, a.omins = c(outlier_values), c(outlier_scales), c(outlier_mins)
     for p, (codes, bits, table) in enumerate(zip(value_codes, value_bits, value_tables)):
         a.vbits[p], a.vnb[p], a.vper[p] = bits, codes.shape[-1], table.shape[1]
         a.vcodes[p], a.vtab[p] = c(codes), c(table, torch.float32)
-    a.vnorms, a.vrot = c(value_norms), c(value_rotation, torch.float32)
+    a.vrot = c(value_rotation, torch.float32)
     out = torch.empty(B, H, a.R, D)
     a.out = out.data_ptr()
     if lib.qjl_turbo_attention(ctypes.byref(a), threads()):

@@ -30,8 +30,11 @@ static inline v8f fma8(float a, v8f b, v8f c) {
  * product is summed in coordinate order with fused multiply-adds, as a matmul's inner loop does, so the scores
  * round as the torch op's do and near-ties pick the same codeword. */
 int qjl_vq_nearest(int64_t n, int C, int K, const float *y, const float *codebook, const float *half_norm,
-                   uint8_t *out, int threads) {
-    if (C <= 0 || C > 8 || K <= 0 || K > 256) return 1;
+                   void *out, int threads) {
+    if (C <= 0 || C > 8 || K <= 0 || K > 512) return 1;
+    /* out: uint8 codes for K <= 256, int16 above (the torch op's dtypes) */
+    uint8_t *out8 = K <= 256 ? (uint8_t *)out : NULL;
+    int16_t *out16 = K <= 256 ? NULL : (int16_t *)out;
     /* Transposed [C][Kp], K padded to a multiple of 8 with codewords that never win (a half norm of +inf), so
      * every codeword's score is computed by the same vector code: equal codewords tie exactly. */
     const int Kp = (K + 7) / 8 * 8;
@@ -61,7 +64,8 @@ int qjl_vq_nearest(int64_t n, int C, int K, const float *y, const float *codeboo
         float best_score = -INFINITY;
         for (int l = 0; l < 8; l++)
             if (top[l] > best_score || (top[l] == best_score && at[l] < best)) { best_score = top[l]; best = at[l]; }
-        out[i] = (uint8_t)(best < K ? best : 0);
+        if (out8) out8[i] = (uint8_t)(best < K ? best : 0);
+        else out16[i] = (int16_t)(best < K ? best : 0);
     }
     free(cbt);
     return 0;
@@ -76,7 +80,9 @@ typedef struct {
     int kbits[MAX_PARTS], knb[MAX_PARTS], klen[MAX_PARTS];
     const uint8_t *kcodes[MAX_PARTS];        /* [B,H,T,knb] */
     const float *kcent[MAX_PARTS];           /* [2^bits] */
-    const half_t *knorms;                    /* [B,H,T] */
+    const half_t *knorms;                    /* [B,H,T] fp16 scales, or NULL with the next two: */
+    const uint8_t *kncodes;                  /* [B,H,T] 8-bit scale codes, scale = code * step */
+    const half_t *knsteps;                   /* [B,H,T/NG] fp16 steps */
     const float *krot;                       /* [dim,dim], y = x R^T */
     int r;                                   /* channels kept apart (0: none) */
     const int64_t *channels, *rest;          /* [B,H,r], [B,H,dim] */
@@ -86,12 +92,22 @@ typedef struct {
     int nvp;
     int vbits[MAX_PARTS], vnb[MAX_PARTS], vper[MAX_PARTS];
     const uint8_t *vcodes[MAX_PARTS];        /* [B,H,T,vnb] */
-    const float *vtab[MAX_PARTS];            /* [256 or 8][vper] */
-    const half_t *vnorms;                    /* [B,H,T] */
+    const float *vtab[MAX_PARTS];            /* [256 or 8][vper], or [512][4] for 9-bit codes */
+    const half_t *vnorms;                    /* [B,H,T], or NULL with vncodes + vnsteps as the keys' */
+    const uint8_t *vncodes;
+    const half_t *vnsteps;
+    int NG;                                  /* tokens a norm step covers (with 8-bit scales) */
     const float *vrot;                       /* [D,D] */
     float scaling;
     float *out;                              /* [B,H,R,D] */
 } turbo_args;
+
+/* A token's scale: fp16, or an 8-bit code times its group's fp16 step (qjl.ops.attention.scales). */
+static inline float token_scale(const half_t *f16, const uint8_t *codes, const half_t *steps, int NG, int64_t T,
+                                int64_t bh, int64_t t) {
+    if (f16) return h2f(f16[bh * T + t]);
+    return (float)codes[bh * T + t] * h2f(steps[bh * (T / NG) + t / NG]);
+}
 
 /* Entries of a key part's per-row table: 64 per pair of 3-bit codes, 256 per byte otherwise. */
 static int part_entries(int bits) { return bits == 3 ? 64 : 256; }
@@ -162,7 +178,15 @@ static inline void value_decode(const turbo_args *a, int64_t bh, int64_t t, floa
         const int nb = a->vnb[p], per = a->vper[p];
         const uint8_t *b = a->vcodes[p] + (bh * a->T + t) * nb;
         const float *tab = a->vtab[p];
-        if (a->vbits[p] == 3) {
+        if (a->vbits[p] == 9) { /* n low bytes, then the ninth bits 8 a byte */
+            const int n = nb * 8 / 9;
+            for (int i = 0; i < n; i++) {
+                const float *e = tab + (b[i] | (((b[n + i / 8] >> (i % 8)) & 1) << 8)) * 4;
+                float *o = y + coord + i * 4;
+                o[0] = e[0]; o[1] = e[1]; o[2] = e[2]; o[3] = e[3];
+            }
+            coord += n * 4;
+        } else if (a->vbits[p] == 3) {
             for (int i = 0; i < nb / 3; i++) {
                 const uint32_t word = b[3 * i] | (b[3 * i + 1] << 8) | (b[3 * i + 2] << 16);
                 for (int k = 0; k < 8; k++) y[coord + i * 8 + k] = tab[(word >> (3 * k)) & 7];
@@ -246,8 +270,8 @@ static void compressed_block(const turbo_args *a, int64_t bh, const float *tab, 
     for (int k = 0; k < n; k++) {
         const int64_t t = t0 + k;
         key_slots(a, bh, t, slot + (int64_t)k * ns);
-        norm[k] = h2f(a->knorms[bh * a->T + t]);
-        vn[k] = h2f(a->vnorms[bh * a->T + t]);
+        norm[k] = token_scale(a->knorms, a->kncodes, a->knsteps, a->NG, a->T, bh, t);
+        vn[k] = token_scale(a->vnorms, a->vncodes, a->vnsteps, a->NG, a->T, bh, t);
         value_decode(a, bh, t, vdec + (int64_t)k * D);
     }
     key_logits(tab, Rp, R, slot, ns, n, norm, lt, logit);

@@ -74,6 +74,14 @@ def outlier_scores(q_sel: Tensor, values: Tensor, scales: Optional[Tensor], mins
     return (dots + (qs * z).sum(-1, keepdim=True)).reshape(B, H, Q, NG * G)
 
 
+def scales(norms: Tensor, steps: Optional[Tensor]) -> Tensor:
+    """Per-token scales [B, H, T] float32: fp16 `norms` as they are, or 8-bit codes times their group's fp16
+    step (`steps` [B, H, T/G]: norm_codes)."""
+    if steps is None or norms.shape[2] == 0:
+        return norms.float()
+    return norms.float() * steps.float().repeat_interleave(norms.shape[2] // steps.shape[2], dim=2)
+
+
 def _pick(q: Tensor, channels: Tensor) -> Tensor:
     """q [B, H, Q, D] at channels [B, H, r] -> [B, H, Q, r]."""
     B, H, Q, _ = q.shape
@@ -102,7 +110,8 @@ def _code_dots(qr: Tensor, packed: Tensor, bits: int, centroids: Tensor) -> Tens
 
 
 def turbo_key_scores(q: Tensor, key_codes: list[Tensor], key_bits: list[int], key_centroids: list[Tensor],
-                     key_norms: Tensor, key_rotation: Tensor, channels: Optional[Tensor], rest: Optional[Tensor],
+                     key_norms: Tensor, key_norm_steps: Optional[Tensor], key_rotation: Tensor,
+                     channels: Optional[Tensor], rest: Optional[Tensor],
                      outlier_values: Optional[Tensor], outlier_scales: Optional[Tensor],
                      outlier_mins: Optional[Tensor], outlier_bits: int, group_size: int,
                      residual_signs: Optional[Tensor], residual_norms: Optional[Tensor],
@@ -119,50 +128,55 @@ def turbo_key_scores(q: Tensor, key_codes: list[Tensor], key_bits: list[int], ke
         n = packed.shape[-1] * 8 // bits
         part = _code_dots(qr[..., a:a + n], packed, bits, centroids)
         dots, a = part if dots is None else dots + part, a + n
-    logits = dots * key_norms.float().unsqueeze(2)
+    logits = dots * scales(key_norms, key_norm_steps).unsqueeze(2)
     if residual_projection is not None:
         logits = logits + sign_scores(q, residual_signs, residual_norms, residual_projection, residual_scale)
     return logits if extra is None else logits + extra
 
 
 def value_index(packed: Tensor, bits: int) -> Tensor:
-    """What lookup_weighted_sum indexes a value table with: the packed bytes, or the codes for 3 bits."""
-    return unpack_codes(packed, 3) if bits == 3 else packed
+    """What lookup_weighted_sum indexes a value table with: the packed bytes, or the codes for 3 and 9 bits."""
+    return unpack_codes(packed, bits) if bits in (3, 9) else packed
 
 
 def turbo_value_sum(w: Tensor, value_codes: list[Tensor], value_bits: list[int], value_tables: list[Tensor],
-                    value_norms: Tensor, value_rotation: Tensor) -> Tensor:
+                    value_norms: Tensor, value_norm_steps: Optional[Tensor], value_rotation: Tensor) -> Tensor:
     """w [B, H, Q, T] -> sum_t w_t v_t = (sum_t w_t ||v_t|| y_hat_t) R: [B, H, Q, D] float32; the rotation is
-    applied once, to the sum. value_tables[p]: [256, per] (a byte to its per numbers) or [8, 1] for 3 bits."""
-    wn = w.float() * value_norms.float().unsqueeze(2)
+    applied once, to the sum. value_tables[p]: [256, per] (a byte to its per numbers), [8, 1] for 3 bits,
+    [512, 4] for 9 bits (a 9-bit index to 4 numbers)."""
+    wn = w.float() * scales(value_norms, value_norm_steps).unsqueeze(2)
     index = [value_index(p, b) for p, b in zip(value_codes, value_bits)]
     return lookup_weighted_sum(wn, index, value_tables) @ value_rotation
 
 
 @torch.library.custom_op("qjl::turbo_attention", mutates_args=())
 def turbo_attention(q: Tensor, exact_k: list[Tensor], exact_v: list[Tensor], key_codes: list[Tensor],
-                    key_bits: list[int], key_centroids: list[Tensor], key_norms: Tensor, key_rotation: Tensor,
+                    key_bits: list[int], key_centroids: list[Tensor], key_norms: Tensor,
+                    key_norm_steps: Optional[Tensor], key_rotation: Tensor,
                     channels: Optional[Tensor], rest: Optional[Tensor], outlier_values: Optional[Tensor],
                     outlier_scales: Optional[Tensor], outlier_mins: Optional[Tensor], outlier_bits: int,
                     group_size: int, residual_signs: Optional[Tensor], residual_norms: Optional[Tensor],
                     residual_projection: Optional[Tensor], residual_scale: float, value_codes: list[Tensor],
                     value_bits: list[int], value_tables: list[Tensor], value_norms: Tensor,
-                    value_rotation: Tensor, scaling: float) -> Tensor:
-    """--kv turbo attention for q [B, Hq, L, D]; layouts in docs/ARCHITECTURE.md."""
+                    value_norm_steps: Optional[Tensor], value_rotation: Tensor, scaling: float) -> Tensor:
+    """--kv turbo attention for q [B, Hq, L, D]; layouts in docs/ARCHITECTURE.md. Norms: fp16 [B, H, T], or
+    uint8 codes [B, H, T] with fp16 steps [B, H, T/G] (`*_norm_steps`; the scale is code * step)."""
     if q.shape[2] >= dense.MIN_ROWS:  # a long chunk: decoded keys and values, one SDPA (qjl/ops/dense.py)
-        k = dense.turbo_keys(key_codes, key_bits, key_centroids, key_norms, key_rotation, channels, rest,
-                             outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
+        k = dense.turbo_keys(key_codes, key_bits, key_centroids, scales(key_norms, key_norm_steps), key_rotation,
+                             channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
                              residual_signs, residual_norms, residual_projection, residual_scale)
-        v = dense.turbo_values(value_codes, value_bits, value_tables, value_norms, value_rotation)
+        v = dense.turbo_values(value_codes, value_bits, value_tables, scales(value_norms, value_norm_steps),
+                               value_rotation)
         return dense.sdpa_chunk(q, [k, *exact_k], [v, *exact_v], scaling)
 
     def keys(qf):
-        return turbo_key_scores(qf, key_codes, key_bits, key_centroids, key_norms, key_rotation, channels, rest,
-                                outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
+        return turbo_key_scores(qf, key_codes, key_bits, key_centroids, key_norms, key_norm_steps, key_rotation,
+                                channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
                                 residual_signs, residual_norms, residual_projection, residual_scale)
 
     def values(w):
-        return turbo_value_sum(w, value_codes, value_bits, value_tables, value_norms, value_rotation)
+        return turbo_value_sum(w, value_codes, value_bits, value_tables, value_norms, value_norm_steps,
+                               value_rotation)
 
     return attend(q, exact_k, exact_v, scaling, keys, values)
 

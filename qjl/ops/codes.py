@@ -2,6 +2,8 @@
 
 1, 2, 4, 8 bits: 8/bits codes a byte, code s at bits s*b of its byte. 3 bits: 8 codes in 3 bytes, a
 24-bit little-endian word with code s at bits 3s; scoring reads such a word as four 6-bit pair indices.
+9 bits (indices into a 512-point codebook; codes int16): n codes in n + n/8 bytes, the low 8 bits of code i in
+byte i, then the ninth bits packed 8 a byte (bit j of byte n + i is code 8i + j's).
 """
 
 from __future__ import annotations
@@ -12,13 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PACK_BITS = (1, 2, 3, 4, 8)
+PACK_BITS = (1, 2, 3, 4, 8, 9)
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @torch.library.custom_op("qjl::pack_codes", mutates_args=())
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """uint8 codes [..., n] (values < 2^bits; n a multiple of 8/bits, of 8 for 3 bits) -> uint8 [..., n*bits/8]."""
+    """uint8 codes [..., n] (values < 2^bits; n a multiple of 8/bits, of 8 for 3 and 9 bits; int16 for 9 bits)
+    -> uint8 [..., n*bits/8]."""
     *lead, n = codes.shape
+    if bits == 9:
+        c = codes.to(torch.int32)
+        hi = ((c >> 8) & 1).reshape(*lead, n // 8, 8) * torch.tensor(_BIT_WEIGHTS, dtype=torch.int32,
+                                                                      device=codes.device)
+        return torch.cat([(c & 255).to(torch.uint8), hi.sum(-1).to(torch.uint8)], dim=-1)
     if bits != 3:
         per = 8 // bits
         c = codes.reshape(*lead, n // per, per).to(torch.uint8)
@@ -32,7 +41,12 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 @torch.library.custom_op("qjl::unpack_codes", mutates_args=())
 def unpack_codes(packed: Tensor, bits: int) -> Tensor:
-    """The inverse of pack_codes: uint8 [..., n*bits/8] -> uint8 codes [..., n]."""
+    """The inverse of pack_codes: uint8 [..., n*bits/8] -> uint8 codes [..., n] (int16 for 9 bits)."""
+    if bits == 9:
+        n = packed.shape[-1] * 8 // 9
+        lo, hi = packed[..., :n].to(torch.int16), packed[..., n:].to(torch.int16)
+        ninth = (hi.unsqueeze(-1) >> torch.arange(8, device=packed.device, dtype=torch.int16)) & 1
+        return lo | (ninth.reshape(*packed.shape[:-1], n) << 8)
     if bits == 3:
         *lead, nb = packed.shape
         b = packed.reshape(*lead, nb // 3, 3).to(torch.int32)

@@ -74,7 +74,8 @@ def turbo_keys(key_codes: list[Tensor], key_bits: list[int], key_centroids: list
                outlier_bits: int, group_size: int, residual_signs: Optional[Tensor],
                residual_norms: Optional[Tensor], residual_projection: Optional[Tensor],
                residual_scale: float) -> Tensor:
-    """The keys whose inner products qjl.ops.attention.turbo_key_scores computes: [B, H, T, D] float32."""
+    """The keys whose inner products qjl.ops.attention.turbo_key_scores computes: [B, H, T, D] float32.
+    key_norms: the per-token scales [B, H, T] (qjl.ops.attention.scales)."""
     y = torch.cat([c.float()[unpack_codes(p, b).long()] for p, b, c in zip(key_codes, key_bits, key_centroids)],
                   dim=-1)
     k = (y * key_norms.float().unsqueeze(-1)) @ key_rotation.float()  # <q Rᵀ, y> = <q, y R>
@@ -94,7 +95,7 @@ def turbo_values(value_codes: list[Tensor], value_bits: list[int], value_tables:
     B, H, T = value_norms.shape
     parts = []
     for packed, bits, table in zip(value_codes, value_bits, value_tables):
-        index = unpack_codes(packed, 3) if bits == 3 else packed
+        index = unpack_codes(packed, bits) if bits in (3, 9) else packed
         parts.append(F.embedding(index.long(), table.float()).reshape(B, H, T, index.shape[-1] * table.shape[1]))
     y = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
     return (y * value_norms.float().unsqueeze(-1)) @ value_rotation.float()

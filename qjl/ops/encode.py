@@ -29,11 +29,28 @@ def scalar_quantize(y: Tensor, boundaries: Tensor, bits: int) -> Tensor:
 
 @torch.library.custom_op("qjl::vq_nearest", mutates_args=())
 def vq_nearest(y: Tensor, codebook: Tensor) -> Tensor:
-    """The nearest codebook point of each group of c numbers: y [..., n*c] float32, codebook [K <= 256, c]
-    -> uint8 [..., n] (argmax of <g, c> - |c|^2 / 2, the nearest point without forming distances)."""
+    """The nearest codebook point of each group of c numbers: y [..., n*c] float32, codebook [K <= 512, c]
+    -> [..., n], uint8 for K <= 256, else int16 (argmax of <g, c> - |c|^2 / 2, the nearest point without
+    forming distances; the first of equal scores)."""
     c = codebook.shape[1]
     g = y.reshape(*y.shape[:-1], y.shape[-1] // c, c)
-    return (g @ codebook.T - 0.5 * (codebook * codebook).sum(-1)).argmax(-1).to(torch.uint8)
+    best = (g @ codebook.T - 0.5 * (codebook * codebook).sum(-1)).argmax(-1)
+    return best.to(torch.uint8 if codebook.shape[0] <= 256 else torch.int16)
+
+
+@torch.library.custom_op("qjl::norm_codes", mutates_args=())
+def norm_codes(norms: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Scales in 8 bits: fp16 [B, H, T] (T a multiple of `group`, every scale >= 0) -> (uint8 codes [B, H, T],
+    fp16 steps [B, H, T/group]); a scale is code * step, step = the group's largest / 255 rounded to fp16
+    first, and the codes chosen against the rounded step (the best for what is stored)."""
+    B, H, T = norms.shape
+    if T % group:
+        raise ValueError(f"{T} tokens is not a multiple of the norm group {group}")
+    n = norms.float().clamp_min(0).view(B, H, T // group, group)
+    step = (n.amax(-1) / 255).to(torch.float16)
+    safe = torch.where(step.float() > 0, step.float(), torch.ones_like(step, dtype=torch.float32))
+    codes = (n / safe.unsqueeze(-1)).round().clamp_(0, 255).to(torch.uint8)
+    return codes.view(B, H, T), step
 
 
 @torch.library.custom_op("qjl::int_quantize", mutates_args=())
