@@ -26,6 +26,7 @@ SETTINGS = {
     "qjl": QJLConfig(kv="qjl"),
     "turbo": QJLConfig(),
     "turbo, torch code": QJLConfig(),
+    "turbo, format 4 (V2 vq4-256, fp16 scales)": QJLConfig(turbo_value_bits=2, turbo_norm_bits=16),
     "turbo, no channels apart": QJLConfig(turbo_outlier_fraction=0.0),
 }
 

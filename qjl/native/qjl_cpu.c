@@ -178,12 +178,16 @@ static inline void value_decode(const turbo_args *a, int64_t bh, int64_t t, floa
         const int nb = a->vnb[p], per = a->vper[p];
         const uint8_t *b = a->vcodes[p] + (bh * a->T + t) * nb;
         const float *tab = a->vtab[p];
-        if (a->vbits[p] == 9) { /* n low bytes, then the ninth bits 8 a byte */
+        if (a->vbits[p] == 9) { /* n low bytes, then the ninth bits 8 a byte: 8 groups per byte of ninth bits */
             const int n = nb * 8 / 9;
-            for (int i = 0; i < n; i++) {
-                const float *e = tab + (b[i] | (((b[n + i / 8] >> (i % 8)) & 1) << 8)) * 4;
-                float *o = y + coord + i * 4;
-                o[0] = e[0]; o[1] = e[1]; o[2] = e[2]; o[3] = e[3];
+            for (int j = 0; j < n / 8; j++) {
+                const uint32_t hi = (uint32_t)b[n + j] << 8;
+                for (int k = 0; k < 8; k++) {
+                    const int i = 8 * j + k;
+                    const float *e = tab + (b[i] | ((hi >> k) & 256u)) * 4;
+                    float *o = y + coord + i * 4;
+                    o[0] = e[0]; o[1] = e[1]; o[2] = e[2]; o[3] = e[3];
+                }
             }
             coord += n * 4;
         } else if (a->vbits[p] == 3) {
