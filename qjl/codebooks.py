@@ -3,7 +3,8 @@
 The rotation R is random orthogonal (one per layer class and role, from a seed); after it every coordinate
 of a unit vector in R^d has the density (1 - t^2)^((d-3)/2) on [-1, 1] (about N(0, 1/d)), for which the
 Lloyd-Max quantiser is solved once here. 2 and 2.25-bit values may instead use a 4-D k-means codebook of
-N(0, 1)^4 (qjl/data/vq4_256.txt, vq4_512.txt, made by scripts/make_vq_codebook.py).
+N(0, 1)^4 (qjl/data/vq4_256.txt, vq4_512.txt), and 3-bit keys a 2-D one of 64 points (vq2_64.txt), all made by
+scripts/make_vq_codebook.py.
 """
 
 from __future__ import annotations
@@ -89,20 +90,35 @@ def codebook_on(bits: int, d: int, device: str) -> tuple[torch.Tensor, torch.Ten
     return c.to(device), b.to(device)
 
 
-@functools.lru_cache(maxsize=2)
-def vq4_codebook(points: int = 256) -> torch.Tensor:
-    """[points, 4] float32: k-means codebook of 4 independent N(0, 1) numbers (qjl/data/vq4_256.txt and
-    vq4_512.txt, made by scripts/make_vq_codebook.py): mean squared error a number 0.096 at 2 bits (256) and
-    0.070 at 2.25 bits (512), against 0.1175 for the scalar 2-bit Lloyd-Max code."""
-    path = Path(__file__).parent / "data" / f"vq4_{points}.txt"
+@functools.lru_cache(maxsize=4)
+def vq_codebook(c: int, points: int) -> torch.Tensor:
+    """[points, c] float32: k-means codebook of c independent N(0, 1) numbers (qjl/data/vq{c}_{points}.txt, made
+    by scripts/make_vq_codebook.py). Mean squared error a number: 4-D, 256 points (2 bits) 0.096 and 512 points
+    (2.25 bits) 0.070, against 0.1175 for the scalar 2-bit Lloyd-Max code; 2-D, 64 points (3 bits) 0.030,
+    against 0.0345 for the scalar 3-bit code."""
+    path = Path(__file__).parent / "data" / f"vq{c}_{points}.txt"
     rows = [line.split() for line in path.read_text().splitlines() if line and not line.startswith("#")]
     return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float32)
 
 
+def vq4_codebook(points: int = 256) -> torch.Tensor:
+    return vq_codebook(4, points)
+
+
 @functools.lru_cache(maxsize=16)
+def vq_on(c: int, points: int, dim: int, device: str) -> torch.Tensor:
+    """A c-D codebook for coordinates of a rotated unit vector of `dim` (about N(0, 1/dim)), on a device."""
+    return (vq_codebook(c, points) / math.sqrt(dim)).to(device)
+
+
 def vq4_on(dim: int, device: str, points: int = 256) -> torch.Tensor:
-    """The 4-D codebook for coordinates of a rotated unit vector of `dim` (about N(0, 1/dim)), on a device."""
-    return (vq4_codebook(points) / math.sqrt(dim)).to(device)
+    return vq_on(4, points, dim, device)
+
+
+def pair_codebook_on(dim: int, device: str) -> torch.Tensor:
+    """[64, 2]: the 2-D codebook of 3-bit keys, each pair of rotated coordinates one of 64 points (a 6-bit pair
+    index, laid out as two 3-bit codes: pair_index reads it back)."""
+    return vq_on(2, 64, dim, device)
 
 
 

@@ -65,6 +65,10 @@ class QJLConfig:
     # multiples of 8) at one bit more (2.5: half at 3 bits). 3: on SmolLM2 (2,304 tokens, V 2-bit) K3 gave ppl
     # x1.043 at 3.12 bits a number against x1.144 for K2 at 2.64; softmax amplifies key error.
     turbo_key_bits: float = 3
+    # --kv turbo, 3-bit keys: "vq2" codes each pair of rotated coordinates as the nearest of 64 points of a 2-D
+    # k-means codebook (qjl/data/vq2_64.txt; the same 6-bit pair indices the scoring tables read): 0.030 against
+    # 0.0345 mean squared error for "scalar" Lloyd-Max codes, the same bits (BENCHMARKS.md "Cache format 5").
+    turbo_key_codebook: str = "vq2"
     # --kv turbo: bits per value coordinate, as the keys'. Values carry most of the remaining error (V3: x1.008 at
     # 3.47 bits; BENCHMARKS.md), so the bits the 8-bit norms free go here: 2.25 with the 4-D codebook.
     turbo_value_bits: float = 2.25
@@ -96,6 +100,8 @@ class QJLConfig:
                               f"{self.turbo_key_bits} and {self.turbo_value_bits}")
         if self.turbo_value_codebook not in ("scalar", "vq4"):
             raise ConfigError(f"turbo_value_codebook must be 'scalar' or 'vq4', not {self.turbo_value_codebook!r}")
+        if self.turbo_key_codebook not in ("scalar", "vq2"):
+            raise ConfigError(f"turbo_key_codebook must be 'scalar' or 'vq2', not {self.turbo_key_codebook!r}")
         if self.turbo_norm_bits not in (8, 16):
             raise ConfigError(f"turbo_norm_bits must be 8 or 16, not {self.turbo_norm_bits}")
         if not 0 <= self.turbo_outlier_fraction < 1:

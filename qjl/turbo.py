@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .codebooks import codebook_on, rotation, rotation_on, split_bits, vq4_on
-from .ops import norm_codes, pack_codes, packed_bytes, scalar_quantize, sign_bits, unpack_codes, vq_nearest
+from .codebooks import codebook_on, pair_codebook_on, rotation, rotation_on, split_bits, vq4_on
+from .ops import norm_codes, pack_codes, packed_bytes, pair_index, scalar_quantize, sign_bits, unpack_codes, vq_nearest
 from .ops.attention import scales, turbo_key_scores, turbo_value_sum, value_index
 from .ops.tables import byte_table
 from .outliers import OutlierChannels
@@ -35,7 +35,8 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
 
     y = R x/||x|| is coded part by part (the next lengths[p] coordinates at bits[p] bits each, the Lloyd-Max
     cell among boundaries[p]), or, with a `vq_codebook` [K, 4], as the nearest point of each 4 coordinates
-    (K = 256: a byte each; 512: 9-bit codes in pack_codes' layout).
+    (K = 256: a byte each; 512: 9-bit codes in pack_codes' layout), or, with a pair codebook [64, 2], of each
+    2 coordinates (the 6-bit index w as the two 3-bit codes w & 7, w >> 3, so pair_index reads w back).
     The stored scale is ||x|| times the least-squares fit <y, y_hat> / ||y_hat||^2 of the codes to the unit
     vector, rather than ||x||: the same 16 bits, a smaller error (K3/V2 on SmolLM2: ppl x1.043 -> x1.028)."""
     norms = x.norm(dim=-1)
@@ -44,7 +45,11 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
     if vq_codebook is not None:
         codes = vq_nearest(y, vq_codebook)
         y_hat = vq_codebook[codes.long()].reshape(y.shape)
-        packed = [codes if vq_codebook.shape[0] <= 256 else pack_codes(codes, 9)]
+        if vq_codebook.shape[1] == 2:
+            pairs = torch.stack([codes & 7, codes >> 3], dim=-1).reshape(y.shape)
+            packed = [pack_codes(pairs, 3)]
+        else:
+            packed = [codes if vq_codebook.shape[0] <= 256 else pack_codes(codes, 9)]
     else:
         packed, parts, a = [], [], 0
         for b, n, c, bounds in zip(bits, lengths, centroids, boundaries):
@@ -86,9 +91,12 @@ class _Rotated(SharedMatrices):
         self.dim = dim
         self.rotation_seed = rotation_seed
         self.vq = 0  # TurboValues: points of the 4-D codebook (256: a byte per 4 coordinates; 512: 9 bits)
+        self.pair = False  # TurboKeys: 3-bit codes from the 2-D codebook (pair_codebook_on)
         self.norm_bits, self.norm_group = norm_bits, norm_group
 
     def _centroids(self, device) -> list[Tensor]:
+        if self.pair:
+            return [pair_codebook_on(self.dim, str(torch.device(device)))]
         return [codebook_on(b, self.dim, str(torch.device(device)))[0] for b, _, _ in self.parts]
 
     def _encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -98,7 +106,8 @@ class _Rotated(SharedMatrices):
         books = [codebook_on(b, self.dim, dev) for b, _, _ in parts]
         return turbo_encode(x, self.rotation.to(x.device), [b for b, _, _ in parts],
                             [e - a for _, a, e in parts], [c for c, _ in books], [bd for _, bd in books],
-                            vq4_on(self.dim, dev, self.vq) if self.vq else None)
+                            vq4_on(self.dim, dev, self.vq) if self.vq else
+                            pair_codebook_on(self.dim, dev) if self.pair else None)
 
     def _norm_state(self, base: str, norms: Tensor) -> dict[str, Tensor]:
         """The fp16 scales as stored: as they are, or 8-bit codes + steps."""
@@ -123,6 +132,8 @@ class _Rotated(SharedMatrices):
 
     def _unit(self, packed: list[Tensor]) -> Tensor:
         """The centroids of every part's codes, concatenated: y_hat [..., dim] float32."""
+        if self.pair:
+            return self._centroids(packed[0].device)[0][pair_index(packed[0]).long()].flatten(-2)
         tables = self._tables(packed[0].device)
         ys = [t[value_index(p, b).long()].reshape(*p.shape[:-1], -1)
               for p, (b, _, _), t in zip(packed, self.parts, tables)]
@@ -160,8 +171,9 @@ class TurboKeys(_Rotated):
 
     def __init__(self, rotation: Tensor, bits: float, head_dim: int, rotation_seed: int = 0,
                  projection: Tensor | None = None, projection_seed: int = 0, outliers: int = 0,
-                 group_size: int = 32, outlier_bits: int = 4, norm_bits: int = 16):
+                 group_size: int = 32, outlier_bits: int = 4, norm_bits: int = 16, codebook: str = "scalar"):
         super().__init__(rotation, bits, head_dim - outliers, rotation_seed, norm_bits, group_size)
+        self.pair = codebook == "vq2" and bits == 3
         self.head_dim = head_dim
         self.projection = projection  # S: [m, dim] float32 for the residual, or None
         self.seed = projection_seed
@@ -178,7 +190,7 @@ class TurboKeys(_Rotated):
         m = config.turbo_residual_dim(head_dim - r)
         proj = jl_projection(m, head_dim - r, pseed) if m else None
         return cls(rotation(head_dim - r, rseed), config.turbo_key_bits, head_dim, rseed, proj, pseed,
-                   r, config.group_size, config.outlier_bits, config.turbo_norm_bits)
+                   r, config.group_size, config.outlier_bits, config.turbo_norm_bits, config.turbo_key_codebook)
 
     def to(self, device) -> "TurboKeys":
         self._move(device)

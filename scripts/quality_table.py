@@ -28,8 +28,10 @@ QJL = QJLConfig(kv="qjl", sink_tokens=0)  # the QJL mode as measured before sink
 PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
 TURBO0 = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_outlier_fraction=0.0, sink_tokens=0,
-                   buffer=64, turbo_value_codebook="scalar", turbo_norm_bits=16)  # turbo as first built (LS scales aside)
-F4 = QJLConfig(turbo_value_bits=2, turbo_norm_bits=16)  # the default of cache format 4: V2 vq4-256, fp16 scales
+                   buffer=64, turbo_value_codebook="scalar", turbo_norm_bits=16,
+                   turbo_key_codebook="scalar")  # turbo as first built (least-squares scales aside)
+# the default of cache format 4: scalar K3, V2 vq4-256, fp16 scales
+F4 = QJLConfig(turbo_key_codebook="scalar", turbo_value_bits=2, turbo_norm_bits=16)
 HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8, query_aware_outliers=False)
 
 PRESETS = {
@@ -90,9 +92,11 @@ PRESETS = {
         "turbo default, V4": F4.replace(turbo_value_bits=4),
         "turbo default, 64 sink tokens": F4.replace(sink_tokens=64),
     },
-    # Issue 16, cache format 5: 8-bit scales pay for 2.25-bit values from a 512-point 4-D codebook.
+    # Issue 16, cache format 5: 8-bit scales pay for 2.25-bit values from a 512-point 4-D codebook; 3-bit keys
+    # from a 64-point 2-D codebook (the same bits and layout).
     "format5": {
-        "turbo default (format 5: K3 + 8 apart, V2.25 vq4-512, 8-bit scales)": QJLConfig(),
+        "turbo default (format 5: K3 vq2 + 8 apart, V2.25 vq4-512, 8-bit scales)": QJLConfig(),
+        "format 5, scalar K3": QJLConfig(turbo_key_codebook="scalar"),
         "format 4's default (V2 vq4-256, fp16 scales)": F4,
         "format 4's default + 8-bit scales": F4.replace(turbo_norm_bits=8),
         "format 5's codes, fp16 scales": QJLConfig(turbo_norm_bits=16),

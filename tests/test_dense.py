@@ -13,7 +13,7 @@ from qjl.ops.attention import sketch_attention, turbo_attention
 SETTINGS = {
     "turbo default": QJLConfig(),
     "turbo scalar V2": QJLConfig(turbo_value_codebook="scalar", turbo_value_bits=2),
-    "turbo vq4 V2, fp16 norms": QJLConfig(turbo_value_bits=2, turbo_norm_bits=16),
+    "turbo vq4 V2, fp16 norms": QJLConfig(turbo_key_codebook="scalar", turbo_value_bits=2, turbo_norm_bits=16),
     "turbo K2.5/V2.25 scalar": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25, turbo_value_codebook="scalar"),
     "turbo K4/V3, 8-bit channels apart": QJLConfig(turbo_key_bits=4, turbo_value_bits=3, outlier_bits=8),
     "turbo residual sketch, no channels": QJLConfig(turbo_residual_ratio=1.0, turbo_outlier_fraction=0.0),

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler:
 
 SETTINGS = {
     "default": QJLConfig(),
-    "vq4 V2, fp16 norms (format 4's default)": QJLConfig(turbo_value_bits=2, turbo_norm_bits=16),
+    "scalar K3, vq4 V2, fp16 norms (format 4's default)": QJLConfig(turbo_key_codebook="scalar", turbo_value_bits=2,
+                                                                     turbo_norm_bits=16),
     "scalar V2": QJLConfig(turbo_value_codebook="scalar", turbo_value_bits=2),
     "K2.5/V2.25 scalar, fp16 norms": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25,
                                                turbo_value_codebook="scalar", turbo_norm_bits=16),

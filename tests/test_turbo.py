@@ -169,6 +169,37 @@ def test_values_at_2_25_bits_are_9_bit_codes_of_the_nearest_of_512_points():
     assert err(codec) < 0.8 * err(TurboValues(rotation(64, 3), 2, 64, 3, codebook="vq4"))
 
 
+def test_the_2d_key_codebook_errs_less_than_the_scalar_3_bit_code():
+    from qjl.codebooks import vq_codebook
+    cb = vq_codebook(2, 64).double()
+    assert cb.shape == (64, 2) and len(set(map(tuple, cb.tolist()))) == 64
+    x = torch.randn(200_000, 2, generator=_gen(23), dtype=torch.float64)
+    mse = ((x - cb[(x @ cb.T - 0.5 * (cb * cb).sum(1)).argmax(1)]) ** 2).mean().item()
+    c, b = solve_lloyd_max(3, 0)
+    scalar = ((x - torch.as_tensor(c)[torch.bucketize(x, torch.as_tensor(b))]) ** 2).mean().item()
+    assert scalar == pytest.approx(0.0345, abs=0.001) and mse < 0.031 and mse < 0.9 * scalar
+
+
+def test_3_bit_keys_from_the_2d_codebook_keep_the_layout_and_score_like_the_reference():
+    """The same bytes a token as scalar 3-bit codes; each 6-bit pair index names the nearest of the 64 points; table
+    scores equal the dequantised keys' inner products; the keys err less than with the scalar code."""
+    from qjl.codebooks import pair_codebook_on
+    from qjl.ops import pair_index
+    pair = TurboKeys(rotation(64, 3), 3, 64, 3, codebook="vq2")
+    assert pair.pair and not TurboKeys(rotation(64, 3), 2, 64, 3, codebook="vq2").pair  # 3 bits only
+    k = torch.randn(1, 2, 64, 64, generator=_gen(24))
+    q = torch.randn(1, 2, 5, 64, generator=_gen(25))
+    state = pair.encode(k)
+    assert state["key_codes"].shape == (1, 2, 64, 24) and state["key_codes"].dtype == torch.uint8
+    y = (k / k.norm(dim=-1, keepdim=True)) @ pair.rotation.T
+    brute = ((y.reshape(1, 2, 64, 32, 1, 2) - pair_codebook_on(64, "cpu")) ** 2).sum(-1).argmin(-1)
+    assert (brute == pair_index(state["key_codes"]).long()).float().mean() > 0.999  # ties aside
+    ref = q @ pair.decode(state).transpose(2, 3)
+    torch.testing.assert_close(pair.scores(q, state), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    err = lambda c: (c.decode(c.encode(k)) - k).pow(2).sum().item()  # noqa: E731
+    assert err(pair) < 0.92 * err(_keys(3))
+
+
 def test_norm_codes_keep_each_scale_within_half_a_step():
     from qjl.ops import norm_codes
     n = torch.rand(2, 3, 96, generator=_gen(6)).half() * 40

@@ -52,7 +52,8 @@ class TurboArgs(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "R", "L", "D", "dim", "T", "Ne")] + [
         ("q", P), ("ke", P), ("ve", P), ("nkp", ctypes.c_int),
         ("kbits", ctypes.c_int * MAX_PARTS), ("knb", ctypes.c_int * MAX_PARTS), ("klen", ctypes.c_int * MAX_PARTS),
-        ("kcodes", P * MAX_PARTS), ("kcent", P * MAX_PARTS), ("knorms", P), ("kncodes", P), ("knsteps", P),
+        ("kcodes", P * MAX_PARTS), ("kcent", P * MAX_PARTS), ("kpair", ctypes.c_int * MAX_PARTS),
+        ("knorms", P), ("kncodes", P), ("knsteps", P),
         ("krot", P),
         ("r", ctypes.c_int), ("channels", P), ("rest", P), ("ocodes", P), ("oscales", P), ("omins", P),
         ("obits", ctypes.c_int), ("G", ctypes.c_int), ("nvp", ctypes.c_int),
@@ -187,8 +188,10 @@ def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids,
                         group_size, residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
                         value_bits, value_tables, value_norms, value_norm_steps, value_rotation, scaling):
     lib = library()
-    if lib is None or not _covered(q, exact_k, key_codes, key_norms, key_norm_steps, channels, outlier_bits,
-                                   outlier_scales, residual_projection, value_codes, value_norms, value_norm_steps):
+    pairs_ok = all(c.dim() == 1 or (b == 3 and tuple(c.shape) == (64, 2)) for b, c in zip(key_bits, key_centroids))
+    if lib is None or not pairs_ok or not _covered(q, exact_k, key_codes, key_norms, key_norm_steps, channels,
+                                                   outlier_bits, outlier_scales, residual_projection, value_codes,
+                                                   value_norms, value_norm_steps):
         return attention_ops.turbo_attention._init_fn(
             q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_norm_steps, key_rotation,
             channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs,
@@ -206,7 +209,7 @@ def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids,
     a.ke, a.ve = c(attention_ops._exact(exact_k)), c(attention_ops._exact(exact_v))
     for p, (codes, bits, cent) in enumerate(zip(key_codes, key_bits, key_centroids)):
         a.kbits[p], a.knb[p], a.klen[p] = bits, codes.shape[-1], codes.shape[-1] * 8 // bits
-        a.kcodes[p], a.kcent[p] = c(codes), c(cent, torch.float32)
+        a.kcodes[p], a.kcent[p], a.kpair[p] = c(codes), c(cent, torch.float32), int(cent.dim() == 2)
     if key_norm_steps is None:
         a.knorms, a.vnorms = c(key_norms), c(value_norms)
     else:

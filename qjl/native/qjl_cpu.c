@@ -79,7 +79,8 @@ typedef struct {
     int nkp;                                 /* key code parts */
     int kbits[MAX_PARTS], knb[MAX_PARTS], klen[MAX_PARTS];
     const uint8_t *kcodes[MAX_PARTS];        /* [B,H,T,knb] */
-    const float *kcent[MAX_PARTS];           /* [2^bits] */
+    const float *kcent[MAX_PARTS];           /* [2^bits], or [64][2] for a 3-bit part with kpair */
+    int kpair[MAX_PARTS];                    /* 1: a 2-D codebook names each pair index's 2 numbers */
     const half_t *knorms;                    /* [B,H,T] fp16 scales, or NULL with the next two: */
     const uint8_t *kncodes;                  /* [B,H,T] 8-bit scale codes, scale = code * step */
     const half_t *knsteps;                   /* [B,H,T/NG] fp16 steps */
@@ -121,7 +122,11 @@ static void build_tables(const turbo_args *a, const float *qr, float *tab, int R
         const int bits = a->kbits[p], len = a->klen[p];
         const float *c = a->kcent[p];
         const float *x = qr + coord;
-        if (bits == 3) {
+        if (bits == 3 && a->kpair[p]) {
+            for (int i = 0; i < len / 2; i++)
+                for (int w = 0; w < 64; w++)
+                    tab[(int64_t)(off + i * 64 + w) * Rp + row] = x[2 * i] * c[2 * w] + x[2 * i + 1] * c[2 * w + 1];
+        } else if (bits == 3) {
             for (int i = 0; i < len / 2; i++)
                 for (int w = 0; w < 64; w++)
                     tab[(int64_t)(off + i * 64 + w) * Rp + row] = x[2 * i] * c[w & 7] + x[2 * i + 1] * c[w >> 3];

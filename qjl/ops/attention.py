@@ -96,8 +96,11 @@ def sign_scores(q: Tensor, signs: Tensor, norms: Tensor, projection: Tensor, sca
 
 # --- turbo: rotation + Lloyd-Max codes ---------------------------------------------------------------
 def _code_dots(qr: Tensor, packed: Tensor, bits: int, centroids: Tensor) -> Tensor:
-    """sum_j qr_j * centroid(code_j) for every query and key of one code part: [B, H, Q, T]."""
+    """sum_j qr_j * centroid(code_j) for every query and key of one code part: [B, H, Q, T]. 3 bits with
+    `centroids` [64, 2] (a pair codebook): each pair index names a point of it."""
     B, H, Q, D = qr.shape
+    if centroids.dim() == 2:  # table[..., i, w] = qr[2i] * c[w, 0] + qr[2i + 1] * c[w, 1]
+        return table_dots(qr.reshape(B, H, Q, D // 2, 2) @ centroids.T, pair_index(packed))
     qc = qr.unsqueeze(-1) * centroids  # [B, H, Q, D, 2^b]
     if bits == 3:
         # table[..., i, w] = qc[..., 2i, w & 7] + qc[..., 2i + 1, w >> 3]: one matmul with a 0/1 matrix

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-from .codes import unpack_codes
+from .codes import pair_index, unpack_codes
 
 # Query chunks of at least this many rows take the dense path (question chunks and decode steps stay on codes).
 MIN_ROWS = 64
@@ -76,8 +76,9 @@ def turbo_keys(key_codes: list[Tensor], key_bits: list[int], key_centroids: list
                residual_scale: float) -> Tensor:
     """The keys whose inner products qjl.ops.attention.turbo_key_scores computes: [B, H, T, D] float32.
     key_norms: the per-token scales [B, H, T] (qjl.ops.attention.scales)."""
-    y = torch.cat([c.float()[unpack_codes(p, b).long()] for p, b, c in zip(key_codes, key_bits, key_centroids)],
-                  dim=-1)
+    # c [64, 2]: a pair codebook (a 6-bit pair index names 2 coordinates), else one centroid a code
+    y = torch.cat([c.float()[pair_index(p).long()].flatten(-2) if c.dim() == 2 else
+                   c.float()[unpack_codes(p, b).long()] for p, b, c in zip(key_codes, key_bits, key_centroids)], dim=-1)
     k = (y * key_norms.float().unsqueeze(-1)) @ key_rotation.float()  # <q Rᵀ, y> = <q, y R>
     if residual_projection is not None:
         k = k + signs_dense(residual_signs, residual_projection) * (
