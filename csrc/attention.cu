@@ -52,7 +52,10 @@ struct Params {
   int kgroup;
   int n;                 // turbo: rotated coordinates; qjl: sketch rows m
   float kscale;          // qjl: the sign estimator's constant; turbo: 1
-  const float* centroids;  // turbo: [8]
+  // turbo: the 3-bit keys' code book: 8 Lloyd-Max centroids (a pair index w of coordinates (2i, 2i+1) names
+  // (c[w & 7], c[w >> 3])), or with pair_book a [64, 2] codebook of points (w names (c[2w], c[2w + 1]))
+  const float* centroids;
+  bool pair_book;
   // outlier channels: r of them; obits 16: fp16 values [B*H, Tc, r]; else codes [B*H, NG*r, G*obits/8] with
   // fp16 scales and minimums [B*H, NG*r], rows ordered (token group, channel)
   int r, obits, G, NGr;
@@ -232,10 +235,13 @@ __device__ void compressed_split(const Params& p, uint8_t* smem, int bh, int r0,
   const float* qp = p.qp + (static_cast<int64_t>(bh) * p.rows + r0) * p.qp_stride;
 
   // Per-block tables: the query rows (turbo) or their nibble sign tables (qjl), outlier query channels,
-  // the centroid pairs, the value table; softmax state and the output accumulator.
+  // the key pair table, the value table; softmax state and the output accumulator.
   if constexpr (KEY == KEY_TURBO3) {
     for (int i = tid; i < nr * n; i += THREADS) qtab[i] = qp[(i / n) * p.qp_stride + i % n];
-    for (int w = tid; w < 64; w += THREADS) pc[w] = make_float2(p.centroids[w & 7], p.centroids[w >> 3]);
+    // pc[w]: what pair index w decodes to, so scoring is the same look-up for scalar and pair codebooks
+    for (int w = tid; w < 64; w += THREADS)
+      pc[w] = p.pair_book ? make_float2(p.centroids[2 * w], p.centroids[2 * w + 1])
+                          : make_float2(p.centroids[w & 7], p.centroids[w >> 3]);
   } else {
     const int nib = n / 4;
     for (int i = tid; i < nr * nib * 16; i += THREADS) {
@@ -314,7 +320,7 @@ __device__ void compressed_split(const Params& p, uint8_t* smem, int bh, int r0,
 #pragma unroll
       for (int j = 0; j < NR; ++j) dot[j] = 0.f;
       if constexpr (KEY == KEY_TURBO3) {
-        // 8 codes in 3 bytes; 4 six-bit pair indices a word; pc[w] = (centroid of coord 2i, of coord 2i+1).
+        // 8 codes in 3 bytes; 4 six-bit pair indices a word; pc[w] = (coord 2i, coord 2i+1) of index w.
         const int nw = n / 8;
         for (int w = 0; w < nw; ++w) {
           const uint32_t word = static_cast<uint32_t>(krow[3 * w]) | (static_cast<uint32_t>(krow[3 * w + 1]) << 8) |
@@ -915,7 +921,8 @@ void fill_outliers(Params& p, const c10::optional<at::Tensor>& channels, const c
 }  // namespace
 
 // q [B, Hq, L, D]; exact parts [B, H, n, D] in q's dtype; key_codes uint8 [B, H, T, 3n/8] (3-bit);
-// centroids float32 [8]; key_norms fp16 [B, H, T], or uint8 [B, H, T] with key_norm_steps fp16 [B, H, T/Gn];
+// centroids float32 [8] (Lloyd-Max) or [64, 2] (pair codebook: pair index w of coordinates 2i, 2i+1 is row w);
+// key_norms fp16 [B, H, T], or uint8 [B, H, T] with key_norm_steps fp16 [B, H, T/Gn];
 // key_rotation float32 [n, n]; channels/rest int64 [B, H, r] / [B, H, n] or none; outliers as
 // qjl/ops/attention.py; value_codes uint8 [B, H, T, vbytes]; value_kind VAL_TAB4 / VAL_TAB2 / VAL_TAB3 /
 // VAL_TAB9 with value_table float32 [256*4] / [256*2] / [8] / [512*4]; value_norms (and value_norm_steps) as
@@ -942,7 +949,11 @@ at::Tensor turbo_attention(const at::Tensor& q, const std::vector<at::Tensor>& e
   TORCH_CHECK(p.kbytes % 3 == 0 && p.n <= p.D, "qjl kernels: 3-bit key codes of ", p.kbytes, " bytes");
   p.kcodes = key_codes.data_ptr<uint8_t>();
   check_f32(centroids, "centroids");
-  TORCH_CHECK(centroids.numel() == 8, "qjl kernels: 3-bit keys need 8 centroids");
+  // [8]: one Lloyd-Max centroid a 3-bit code; [64, 2]: the 2-D codebook, one point a 6-bit pair index
+  const bool scalar_book = centroids.dim() == 1 && centroids.size(0) == 8;
+  p.pair_book = centroids.dim() == 2 && centroids.size(0) == 64 && centroids.size(1) == 2;
+  TORCH_CHECK(scalar_book || p.pair_book, "qjl-unsupported: 3-bit key centroids of shape ", centroids.sizes(),
+              " (kernels: [8] Lloyd-Max centroids or a [64, 2] pair codebook)");
   p.centroids = centroids.data_ptr<float>();
   fill_norms(p, key_norms, key_norm_steps, "key_norms", p.knorms, p.ksteps, p.kgroup);
   check_f32(key_rotation, "key_rotation");
@@ -1021,6 +1032,7 @@ at::Tensor sketch_attention(const at::Tensor& q, const std::vector<at::Tensor>& 
               "qjl kernels: projection must be [m, D]");
   p.kscale = static_cast<float>(sketch_scale);
   p.centroids = nullptr;
+  p.pair_book = false;
   fill_outliers(p, channels, ovalues, oscales, omins, obits, G);
   const float* mean = nullptr;
   if (key_mean.has_value()) {

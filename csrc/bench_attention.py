@@ -5,8 +5,9 @@ next to a measured copy bandwidth. Needs a GPU (never run yet: see csrc/README.m
     python csrc/bench_attention.py --tokens 4k,16k,32k,64k,128k --json $OUT/attention.json
     python csrc/bench_attention.py --modes turbo,turbo-v2n16    # the default turbo layout against the one before
 
-Modes: turbo (the default layout: 9-bit vq4 values of 512 points, 8-bit norms), turbo-v2n16 (a vq4 byte per 4
-values, fp16 norms: cache format 4's default), qjl.
+Modes: turbo (the default layout: 3-bit keys of the [64, 2] pair codebook, 9-bit vq4 values of 512 points, 8-bit
+norms), turbo-v2n16 (Lloyd-Max keys, a vq4 byte per 4 values, fp16 norms: cache format 4's default), qjl. Both
+key codebooks are scored alike (one 64-entry pair table), so they differ only in the values and norms read.
 
 Times are medians of CUDA-graph replays (GPU time only, no Python dispatch), several input sets rotated so the
 L2 cache does not hold them.
@@ -29,7 +30,8 @@ from qjl.turbo import TurboKeys, TurboValues
 from qjl.values import QuantValues
 
 HQ, H, D = 32, 8, 128
-TURBO = {"turbo": {}, "turbo-v2n16": {"turbo_value_bits": 2, "turbo_norm_bits": 16}}  # mode -> QJLConfig fields
+TURBO = {"turbo": {},  # mode -> QJLConfig fields
+         "turbo-v2n16": {"turbo_key_codebook": "scalar", "turbo_value_bits": 2, "turbo_norm_bits": 16}}
 
 
 def _tokens(s: str) -> int:

@@ -22,12 +22,15 @@ __global__ void sign_bits_kernel(const T* __restrict__ x, uint8_t* __restrict__ 
   }
 }
 
-// --- scalar (Lloyd-Max) and vq4 codes of rows, with the least-squares fit ------------------------------------
+// --- scalar (Lloyd-Max), vq4 and pair codes of rows, with the least-squares fit ------------------------------
 constexpr int MAXK = 512;  // codebook points at most (9-bit indices)
+constexpr int MAXK2 = 64;  // points of a 2-D (pair) codebook at most: a 6-bit index, two 3-bit codes
 
-// How vq codes are written: a byte each (K <= 256), int16 each (vq_nearest, K > 256), or 9-bit packed
-// (turbo_encode, K > 256: pack_codes(codes, 9), the low bytes of a row's n codes then n/8 bytes of ninth bits).
-enum VqOut { VQ_U8 = 0, VQ_I16 = 1, VQ_PACK9 = 2 };
+// How vq codes are written: a byte each (K <= 256), int16 each (vq_nearest, K > 256), 9-bit packed
+// (turbo_encode, K > 256: pack_codes(codes, 9), the low bytes of a row's n codes then n/8 bytes of ninth bits),
+// or, for a 2-D codebook in turbo_encode, as 3-bit codes (index w of coordinates (2i, 2i+1) as the codes w & 7
+// and w >> 3: pack_codes(codes, 3), 8 codes in a 3-byte little-endian word, code s at bits 3s).
+enum VqOut { VQ_U8 = 0, VQ_I16 = 1, VQ_PACK9 = 2, VQ_PACK3 = 3 };
 
 struct CodeParams {
   int64_t rows;
@@ -37,56 +40,72 @@ struct CodeParams {
   const float* bounds[MAXP];     // [2^b - 1] sorted
   const float* centroids[MAXP];  // [2^b] or nullptr (no fit)
   uint8_t* out[MAXP];            // [rows, len * bits / 8]
-  const float* book;             // vq: [K, 4] or nullptr
+  const float* book;             // vq: [K, C] or nullptr
   int K;
+  int C;                         // numbers a codebook point: 4, or 2 (pair codebook)
   int vq_out;                    // VqOut
   int16_t* out16;                // VQ_I16: [rows, dim / 4]
   float* fit;                    // [rows] or nullptr
 };
 
-// The nearest point of g (4 numbers): the argmax of <g, c> - |c|^2 / 2 (hn = |c|^2 / 2), the first of equal
+// <g, c> for a point c of C numbers. C = 2 rounds as a float32 matmul with an inner dimension of 2 does
+// (g0 c0 rounded, then one fused multiply-add), so that near-ties break as torch's more often; not guaranteed.
+template <int C>
+__device__ __forceinline__ float point_dot(const float* g, const float* c) {
+  if constexpr (C == 2) return fmaf(g[1], c[1], __fmul_rn(g[0], c[0]));
+  else return g[0] * c[0] + g[1] * c[1] + g[2] * c[2] + g[3] * c[3];
+}
+
+// The nearest point of g (C numbers): the argmax of <g, c> - |c|^2 / 2 (hn = |c|^2 / 2), the first of equal
 // scores as torch's argmax; adds <c, g> and |c|^2 to the fit's sums.
+template <int C>
 __device__ __forceinline__ int vq_nearest_point(const float* g, const float* book, const float* hn, int K, float& dot,
                                                 float& nn) {
   int best = 0;
   float bs = -INFINITY;
   for (int k = 0; k < K; ++k) {
-    const float* c = book + 4 * k;
-    const float s = (g[0] * c[0] + g[1] * c[1] + g[2] * c[2] + g[3] * c[3]) - hn[k];
+    const float s = __fsub_rn(point_dot<C>(g, book + C * k), hn[k]);
     if (s > bs) { bs = s; best = k; }  // strict: a later equal score never replaces an earlier one
   }
-  const float* c = book + 4 * best;
+  const float* c = book + C * best;
 #pragma unroll
-  for (int s = 0; s < 4; ++s) { dot += c[s] * g[s]; nn += c[s] * c[s]; }
+  for (int s = 0; s < C; ++s) { dot += c[s] * g[s]; nn += c[s] * c[s]; }
   return best;
 }
 
-// One row's vq codes by one warp. A lane takes UNIT groups of 4 numbers at a time: 2 (8 numbers) for byte or
-// int16 codes; 8 (32 numbers) for the 9-bit layout, so that each lane writes whole bytes, its 8 ninth bits
-// included, and no lane shares a byte with another.
-template <int UNIT>
+// One row's vq codes by one warp. A lane takes UNIT groups of C numbers at a time, so that each lane writes
+// whole bytes and no lane shares a byte with another: C = 4, 2 groups (8 numbers) for byte or int16 codes, 8
+// (32 numbers) for the 9-bit layout, its byte of 8 ninth bits included; C = 2, 4 pairs (8 numbers), which in
+// the 3-bit layout are one 3-byte word (pair j's index at bits 6j: codes 2j, 2j + 1 at bits 3(2j), 3(2j + 1)).
+template <int C, int UNIT>
 __device__ void vq_row(const float* yr, const CodeParams& p, const float* book, const float* hn, int64_t row,
                        int lane, float& dot, float& nn) {
-  const int n = p.dim / 4;  // groups a row
+  const int n = p.dim / C;  // groups a row
   for (int u = lane; u < n / UNIT; u += 32) {
-    int hi = 0;
+    uint32_t acc = 0;  // VQ_PACK9: the UNIT ninth bits; VQ_PACK3: the 24-bit word
 #pragma unroll
     for (int j = 0; j < UNIT; ++j) {
       const int gi = u * UNIT + j;
-      float g[4];
+      float g[C];
 #pragma unroll
-      for (int s = 0; s < 4; ++s) g[s] = yr[4 * gi + s];
-      const int best = vq_nearest_point(g, book, hn, p.K, dot, nn);
+      for (int s = 0; s < C; ++s) g[s] = yr[C * gi + s];
+      const int best = vq_nearest_point<C>(g, book, hn, p.K, dot, nn);
       if (p.vq_out == VQ_I16) {
         p.out16[row * n + gi] = static_cast<int16_t>(best);
       } else if (p.vq_out == VQ_U8) {
         p.out[0][row * n + gi] = static_cast<uint8_t>(best);
-      } else {  // VQ_PACK9: row of n + n/8 bytes
+      } else if (p.vq_out == VQ_PACK9) {  // row of n + n/8 bytes
         p.out[0][row * (n + n / 8) + gi] = static_cast<uint8_t>(best & 0xff);
-        hi |= ((best >> 8) & 1) << j;
+        acc |= static_cast<uint32_t>((best >> 8) & 1) << j;
+      } else {  // VQ_PACK3: best < 64
+        acc |= static_cast<uint32_t>(best) << (6 * j);
       }
     }
-    if (p.vq_out == VQ_PACK9) p.out[0][row * (n + n / 8) + n + u] = static_cast<uint8_t>(hi);
+    if (p.vq_out == VQ_PACK9) p.out[0][row * (n + n / 8) + n + u] = static_cast<uint8_t>(acc);
+    if (p.vq_out == VQ_PACK3) {  // row of 3n/4 bytes (3 * dim / 8), word u at byte 3u
+      uint8_t* dst = p.out[0] + row * (3 * n / 4) + 3 * u;
+      for (int k = 0; k < 3; ++k) dst[k] = static_cast<uint8_t>((acc >> (8 * k)) & 0xffu);
+    }
   }
 }
 
@@ -114,7 +133,7 @@ __device__ void scalar_row(const float* yr, const CodeParams& p, const float (*s
 }
 
 // One warp a row. Shared: the boundaries and centroids of each part (nparts = 0 for vq), or the codebook and
-// its half norms (10 KB for K = 512, static).
+// its half norms (10 KB for K = 512 points of 4; a pair codebook uses 768 bytes of it).
 __global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
   __shared__ float sb[MAXP][16], sc[MAXP][16];
   __shared__ __align__(16) float book[MAXK * 4];
@@ -126,11 +145,13 @@ __global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
       for (int i = threadIdx.x; i <= nb; i += blockDim.x) sc[q][i] = p.centroids[q][i];
   }
   if (p.book) {
-    for (int i = threadIdx.x; i < p.K * 4; i += blockDim.x) book[i] = p.book[i];
+    for (int i = threadIdx.x; i < p.K * p.C; i += blockDim.x) book[i] = p.book[i];
     __syncthreads();
     for (int k = threadIdx.x; k < p.K; k += blockDim.x) {
-      const float* c = book + 4 * k;
-      hn[k] = 0.5f * (c[0] * c[0] + c[1] * c[1] + c[2] * c[2] + c[3] * c[3]);
+      const float* c = book + p.C * k;
+      // C = 2 without contraction: torch's 0.5 * (c * c).sum(-1) exactly (two rounded squares, one add)
+      hn[k] = p.C == 2 ? 0.5f * __fadd_rn(__fmul_rn(c[0], c[0]), __fmul_rn(c[1], c[1]))
+                       : 0.5f * (c[0] * c[0] + c[1] * c[1] + c[2] * c[2] + c[3] * c[3]);
     }
   }
   __syncthreads();
@@ -140,8 +161,9 @@ __global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
     const float* yr = y + row * p.dim;
     float dot = 0.f, nn = 0.f;
     if (!p.book) scalar_row(yr, p, sb, sc, row, lane, dot, nn);
-    else if (p.vq_out == VQ_PACK9) vq_row<8>(yr, p, book, hn, row, lane, dot, nn);
-    else vq_row<2>(yr, p, book, hn, row, lane, dot, nn);
+    else if (p.C == 2) vq_row<2, 4>(yr, p, book, hn, row, lane, dot, nn);
+    else if (p.vq_out == VQ_PACK9) vq_row<4, 8>(yr, p, book, hn, row, lane, dot, nn);
+    else vq_row<4, 2>(yr, p, book, hn, row, lane, dot, nn);
     if (p.fit) {
       dot = warp_sum(dot);
       nn = warp_sum(nn);
@@ -210,15 +232,16 @@ at::Tensor sign_bits(const at::Tensor& x) {
 
 // y float32 [..., dim] contiguous. Scalar: parts (bits, len, boundaries, centroids or empty) covering dim in
 // order -> packed codes of each part [..., len*bits/8]. vq: book float32 [K <= 512, 4] -> codes [..., dim/4],
-// uint8 for K <= 256; for K > 256 int16 codes, or with pack9 (turbo_encode) one uint8 [..., n + n/8] of 9-bit
-// codes (n = dim/4, a multiple of 8). want_fit: also <y, y_hat> / max(|y_hat|^2, 1e-30) per row (float32
-// [...]), else an empty tensor.
+// uint8 for K <= 256; for K > 256 int16 codes, or with `pack` (turbo_encode) one uint8 [..., n + n/8] of 9-bit
+// codes (n = dim/4, a multiple of 8). Pair codebook: book float32 [K <= 64, 2] -> uint8 indices [..., dim/2],
+// or with `pack` the 3-bit layout [..., 3*dim/8] (index w as codes w & 7, w >> 3). want_fit: also
+// <y, y_hat> / max(|y_hat|^2, 1e-30) per row (float32 [...]), else an empty tensor.
 std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y, const std::vector<int64_t>& bits,
                                                              const std::vector<int64_t>& lengths,
                                                              const std::vector<at::Tensor>& boundaries,
                                                              const std::vector<at::Tensor>& centroids,
                                                              const c10::optional<at::Tensor>& book, bool want_fit,
-                                                             bool pack9) {
+                                                             bool pack) {
   QJL_CHECK_CUDA_TENSOR(y, "y");
   QJL_CHECK_DTYPE(y, at::kFloat, "y");
   QJL_CHECK_CONTIGUOUS(y, "y");
@@ -235,19 +258,26 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y
     QJL_CHECK_CUDA_TENSOR(b, "codebook");
     QJL_CHECK_DTYPE(b, at::kFloat, "codebook");
     QJL_CHECK_CONTIGUOUS(b, "codebook");
-    TORCH_CHECK(b.dim() == 2 && b.size(1) == 4 && b.size(0) >= 1 && b.size(0) <= MAXK,
-                "qjl-unsupported: codebook of shape ", b.sizes(), " (kernels: [K <= 512, 4])");
+    TORCH_CHECK(b.dim() == 2 && b.size(0) >= 1 &&
+                    ((b.size(1) == 4 && b.size(0) <= MAXK) || (b.size(1) == 2 && b.size(0) <= MAXK2)),
+                "qjl-unsupported: codebook of shape ", b.sizes(), " (kernels: [K <= 512, 4] or [K <= 64, 2])");
     p.book = b.data_ptr<float>();
     p.K = static_cast<int>(b.size(0));
+    p.C = static_cast<int>(b.size(1));
     p.nparts = 0;  // no scalar parts: the kernel loads no boundaries
-    const int n = p.dim / 4;
+    const int n = p.dim / p.C;
     auto s = lead;
-    if (p.K <= 256) {
+    if (p.C == 2 && pack) {  // dim % 8 == 0 (checked above): whole 3-byte words
+      p.vq_out = VQ_PACK3;
+      s.push_back(3 * p.dim / 8);
+      outs.push_back(at::empty(s, y.options().dtype(at::kByte)));
+      p.out[0] = outs[0].data_ptr<uint8_t>();
+    } else if (p.K <= 256) {
       p.vq_out = VQ_U8;
       s.push_back(n);
       outs.push_back(at::empty(s, y.options().dtype(at::kByte)));
       p.out[0] = outs[0].data_ptr<uint8_t>();
-    } else if (!pack9) {
+    } else if (!pack) {
       p.vq_out = VQ_I16;
       s.push_back(n);
       outs.push_back(at::empty(s, y.options().dtype(at::kShort)));

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import _TURBO_VALUES, FLOAT_TYPES, HEAD_DIMS, MAX_CODEBOOK, MAX_OUTLIERS
+from .kernels import _TURBO_KEYS, _TURBO_VALUES, FLOAT_TYPES, HEAD_DIMS, MAX_CODEBOOK, MAX_OUTLIERS, MAX_PAIR_CODEBOOK
 
 # --- input checks shared by the wrappers --------------------------------------------------------------------
 def _tensors_on(device_type: str, named: dict) -> None:
@@ -120,6 +120,9 @@ def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroid
         return "a residual sketch (turbo_residual_ratio > 0)"
     if list(key_bits) != [3]:
         return f"{'+'.join(map(str, key_bits))}-bit keys (kernels: 3)"
+    if len(key_centroids) != 1 or tuple(key_centroids[0].shape) not in _TURBO_KEYS:
+        shapes = ", ".join(str(tuple(c.shape)) for c in key_centroids)
+        return f"3-bit key centroids of shape {shapes} (kernels: [8] Lloyd-Max centroids or a [64, 2] pair codebook)"
     if len(value_bits) != 1 or len(value_tables) != 1:
         return f"{'+'.join(map(str, value_bits))}-bit values (kernels: one part of 2, 3, 4 or 9 bits)"
     if (value_bits[0], tuple(value_tables[0].shape)) not in _TURBO_VALUES:
@@ -170,18 +173,21 @@ def _unsupported(e: RuntimeError) -> Optional[str]:
 
 
 def check_codes(y: Tensor, bits: list[int], lengths: list[int], vq_codebook: Optional[Tensor],
-                device_type: str = "cuda", pack9: bool = False) -> Optional[str]:
-    """None if the code kernel takes y (float32 [..., dim]) with these parts or this codebook. `pack9`: codes of
-    a codebook of more than 256 points are wanted 9-bit packed (turbo_encode), not int16 (vq_nearest)."""
+                device_type: str = "cuda", packed: bool = False) -> Optional[str]:
+    """None if the code kernel takes y (float32 [..., dim]) with these parts or this codebook ([K <= 512, 4], or
+    a pair codebook [K <= 64, 2]). `packed`: the codes are wanted in turbo_encode's layout (9-bit packed for
+    more than 256 points of 4, 3-bit packed for a pair codebook), not as vq_nearest returns them (int16, uint8)."""
     _tensors_on(device_type, {"y": y, "codebook": vq_codebook})
     if y.dtype != torch.float32:
         return f"{y.dtype} input (kernels: float32)"
     if y.dim() < 1 or y.shape[-1] % 8:
         return f"{y.shape[-1] if y.dim() else 0} coordinates (kernels: a multiple of 8)"
     if vq_codebook is not None:
-        if vq_codebook.dim() != 2 or vq_codebook.shape[1] != 4 or not 1 <= vq_codebook.shape[0] <= MAX_CODEBOOK:
-            return f"a codebook of shape {tuple(vq_codebook.shape)} (kernels: [K <= {MAX_CODEBOOK}, 4])"
-        if pack9 and vq_codebook.shape[0] > 256 and y.shape[-1] % 32:
+        K, C = (vq_codebook.shape if vq_codebook.dim() == 2 else (0, 0))
+        if not ((C == 4 and 1 <= K <= MAX_CODEBOOK) or (C == 2 and 1 <= K <= MAX_PAIR_CODEBOOK)):
+            return (f"a codebook of shape {tuple(vq_codebook.shape)} "
+                    f"(kernels: [K <= {MAX_CODEBOOK}, 4] or [K <= {MAX_PAIR_CODEBOOK}, 2])")
+        if packed and C == 4 and K > 256 and y.shape[-1] % 32:
             return f"9-bit codes of {y.shape[-1]} coordinates (kernels: a multiple of 32)"
         return None
     if not 1 <= len(bits) <= 2 or any(b not in (1, 2, 3, 4) for b in bits):

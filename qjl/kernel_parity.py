@@ -75,6 +75,16 @@ def _encode_err(a, b) -> float:
     return max(_mismatch(a[0], b[0]), _rel_err(a[1], b[1]))
 
 
+def _pair_encode_err(a, b) -> float:
+    """turbo_encode with a pair codebook: the fraction of pair indices that differ (one index spans 2 codes and
+    up to 2 bytes: counting bytes would double a tie's weight), or the scales' relative error if worse."""
+    from .ops import pair_index
+
+    if len(a[0]) != 1 or len(b[0]) != 1 or a[0][0].shape != b[0][0].shape:
+        return 1.0
+    return max(_mismatch(pair_index(a[0][0]), pair_index(b[0][0])), _rel_err(a[1], b[1]))
+
+
 def _int_err(a, b) -> float:
     return max(_mismatch(a[0], b[0]), _mismatch(a[1], b[1]), _mismatch(a[2], b[2]))
 
@@ -100,16 +110,18 @@ def _exact_parts_for(H: int, Ne: int, L: int, D: int, dtype, device, gen) -> tup
 
 
 def turbo_case(D: int, H: int, g: int, L: int, Tc: int, Ne: int, dtype, device, seed: int = 0,
-               value_bits: float = 2.25, outliers: bool = True, norm_bits: int = 8) -> Case:
+               value_bits: float = 2.25, outliers: bool = True, norm_bits: int = 8,
+               key_codebook: str = "vq2") -> Case:
     """A turbo layer's attention: random keys and values through the real codecs (qjl/turbo.py). The defaults
-    are the default layout (cache format 5): 9-bit vq4 values of 512 points, 8-bit norms (Tc whole groups of 32);
-    value_bits=2, norm_bits=16 is the layout before it (one vq4 byte per 4 numbers, fp16 norms)."""
+    are the default layout (cache format 5): 3-bit keys of the [64, 2] pair codebook, 9-bit vq4 values of 512
+    points, 8-bit norms (Tc whole groups of 32); key_codebook="scalar", value_bits=2, norm_bits=16 is the layout
+    before it (Lloyd-Max keys, one vq4 byte per 4 numbers, fp16 norms)."""
     from .config import QJLConfig
     from .turbo import TurboKeys, TurboValues
 
     gen = torch.Generator().manual_seed(seed)
     cfg = QJLConfig(turbo_value_bits=value_bits, turbo_outlier_fraction=0.125 if outliers else 0.0,
-                    turbo_norm_bits=norm_bits)
+                    turbo_norm_bits=norm_bits, turbo_key_codebook=key_codebook)
     keys, values = TurboKeys.for_layer(cfg, 0, D).to(device), TurboValues.for_layer(cfg, 0, D).to(device)
     k = torch.randn(1, H, Tc, D, generator=gen) * (1 + 3 * (torch.rand(D, generator=gen) > 0.9))
     v = torch.randn(1, H, Tc, D, generator=gen)
@@ -124,7 +136,8 @@ def turbo_case(D: int, H: int, g: int, L: int, Tc: int, Ne: int, dtype, device, 
             args["residual_signs"], args["residual_norms"], args["residual_projection"], args["residual_scale"],
             args["value_codes"], args["value_bits"], args["value_tables"], args["value_norms"],
             args["value_norm_steps"], args["value_rotation"], D ** -0.5)
-    shape = f"D{D} H{H} g{g} L{L} T{Tc}+{Ne} V{value_bits} N{norm_bits}{'' if outliers else ' r0'}"
+    shape = (f"D{D} H{H} g{g} L{L} T{Tc}+{Ne} K{key_codebook} V{value_bits} N{norm_bits}"
+             f"{'' if outliers else ' r0'}")
     return Case("qjl::turbo_attention", shape, str(dtype).replace("torch.", ""), full, _rel_err,
                 ATTENTION_TOL[dtype])
 
@@ -158,7 +171,7 @@ def sketch_case(D: int, H: int, g: int, L: int, Tc: int, Ne: int, dtype, device,
 
 def encode_cases(D: int, rows: int, device, seed: int = 0) -> list[Case]:
     """The encode ops on `rows` random vectors of D numbers."""
-    from .codebooks import codebook_on, rotation, split_bits, vq4_on
+    from .codebooks import codebook_on, pair_codebook_on, rotation, split_bits, vq4_on
 
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(2, rows // 2, D, generator=gen) * 3).to(device)
@@ -173,6 +186,9 @@ def encode_cases(D: int, rows: int, device, seed: int = 0) -> list[Case]:
                 [bd for _, bd in books], vq4_on(D, dev, points) if points else None)
         out.append(Case("qjl::turbo_encode", f"{rows}x{D} {f'vq4/{points}' if points else f'{bits}-bit'}", "float32",
                         args, _encode_err, 1e-3))
+        if bits == 3:  # the default keys: each pair of coordinates the nearest of the [64, 2] codebook
+            pair = args[:-1] + (pair_codebook_on(D, dev),)
+            out.append(Case("qjl::turbo_encode", f"{rows}x{D} vq2/64", "float32", pair, _pair_encode_err, 1e-3))
     y = torch.randn(rows, D, generator=gen).to(device) / D ** 0.5
     c3, b3 = codebook_on(3, D, dev)
     out.append(Case("qjl::scalar_quantize", f"{rows}x{D} 3-bit", "float32", (y, b3, 3), _mismatch, 0.0))
@@ -180,6 +196,8 @@ def encode_cases(D: int, rows: int, device, seed: int = 0) -> list[Case]:
     for points in (256, 512):  # uint8 codes, int16 codes
         out.append(Case("qjl::vq_nearest", f"{rows}x{D} {points}", "float32", (y, vq4_on(D, dev, points)),
                         _mismatch, 1e-3))
+    out.append(Case("qjl::vq_nearest", f"{rows}x{D} 64x2", "float32", (y, pair_codebook_on(D, dev)), _mismatch,
+                    1e-3))  # the pair codebook: uint8 indices [rows, D/2]
     v = torch.randn(1, 2, rows // 2, D, generator=gen).to(device)
     out.append(Case("qjl::int_quantize", f"{rows}x{D} 2-bit/64", "float32", (v, 2, min(64, D)), _int_err, 0.0))
     out.append(Case("qjl::int_quantize", f"{rows}x32 4-bit/32", "float32",
@@ -195,11 +213,14 @@ def cases(which: str = "check", device="cuda") -> list[Case]:
     ("check": a Llama-3.1-8B layer at 4k tokens too)."""
     out = []
     for D in _k.HEAD_DIMS:
-        for dt in _k.FLOAT_TYPES:  # the default layout: 9-bit values, 8-bit norms
+        for dt in _k.FLOAT_TYPES:  # the default layout: pair-codebook keys, 9-bit values, 8-bit norms
             out.append(turbo_case(D, 2, 4, 1, 96, 9, dt, device, seed=D))
             out.append(sketch_case(D, 2, 4, 1, 96, 9, dt, device, seed=D + 1))
-        # the layouts before format 5 and the other value widths, fp16 and 8-bit norms across them
-        out.append(turbo_case(D, 2, 3, 5, 64, 21, torch.bfloat16, device, seed=D + 2, value_bits=2, norm_bits=16))
+        # the layout before format 5 (Lloyd-Max keys, vq4 bytes, fp16 norms), Lloyd-Max keys with the default
+        # values, and the other value widths, fp16 and 8-bit norms across them
+        out.append(turbo_case(D, 2, 3, 5, 64, 21, torch.bfloat16, device, seed=D + 2, value_bits=2, norm_bits=16,
+                              key_codebook="scalar"))
+        out.append(turbo_case(D, 2, 4, 1, 64, 9, torch.float32, device, seed=D + 8, key_codebook="scalar"))
         out.append(turbo_case(D, 1, 1, 1, 37, 3, torch.float16, device, seed=D + 3, value_bits=3, outliers=False,
                               norm_bits=16))
         out.append(turbo_case(D, 2, 8, 1, 64, 5, torch.float32, device, seed=D + 4, value_bits=4))
@@ -209,7 +230,8 @@ def cases(which: str = "check", device="cuda") -> list[Case]:
         out += encode_cases(D, 64, device, seed=D)
     if which == "check":
         out.append(turbo_case(128, 8, 4, 1, 4096, 36, torch.bfloat16, device, seed=7))
-        out.append(turbo_case(128, 8, 4, 1, 4096, 36, torch.bfloat16, device, seed=7, value_bits=2, norm_bits=16))
+        out.append(turbo_case(128, 8, 4, 1, 4096, 36, torch.bfloat16, device, seed=7, value_bits=2, norm_bits=16,
+                              key_codebook="scalar"))
         out.append(turbo_case(128, 8, 4, 64, 4096, 600, torch.bfloat16, device, seed=8))
         out.append(sketch_case(128, 8, 4, 1, 4096, 100, torch.bfloat16, device, seed=9))
         out += encode_cases(128, 8 * 4096, device, seed=10)

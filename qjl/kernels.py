@@ -2,11 +2,11 @@
 
 `import qjl.kernels` registers a CUDA implementation under each op below (torch.library.register_kernel):
 
-  qjl::turbo_attention   fused split-K attention, --kv turbo (3-bit keys, 2/3/4-bit or vq4 values of 256 or
-                         512 points, fp16 or 8-bit norms)
+  qjl::turbo_attention   fused split-K attention, --kv turbo (3-bit keys, Lloyd-Max or of the 2-D pair
+                         codebook; 2/3/4-bit or vq4 values of 256 or 512 points; fp16 or 8-bit norms)
   qjl::sketch_attention  fused split-K attention, --kv qjl (sign sketches, 2/4-bit integer values)
-  qjl::turbo_encode      rotation (cuBLAS, as the torch op), Lloyd-Max or vq4 codes (9-bit packed for 512
-                         points), the least-squares scale
+  qjl::turbo_encode      rotation (cuBLAS, as the torch op), Lloyd-Max, vq4 (9-bit packed for 512 points) or
+                         pair codes (the [64, 2] codebook as 3-bit codes), the least-squares scale
   qjl::scalar_quantize, qjl::vq_nearest, qjl::int_quantize, qjl::sign_bits   encode steps
 
 The first call of one of them with CUDA tensors builds the extension from csrc/ (ninja; cached under
@@ -45,7 +45,11 @@ FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (64, 128)
 # Value kinds of the turbo kernel (csrc/attention.cu ValKind): (bits, table shape) -> kind.
 _TURBO_VALUES = {(2, (256, 4)): 0, (4, (256, 2)): 1, (3, (8, 1)): 2, (9, (512, 4)): 4}
-MAX_CODEBOOK = 512  # points of a vq codebook the code kernel takes (9-bit indices)
+# Key centroids the turbo kernel takes for 3-bit keys: 8 Lloyd-Max centroids, or the [64, 2] pair codebook
+# (qjl.codebooks.pair_codebook_on: each 6-bit pair index of the packed codes names one point).
+_TURBO_KEYS = {(8,): "scalar", (64, 2): "pair"}
+MAX_CODEBOOK = 512  # points of a 4-D vq codebook the code kernel takes (9-bit indices)
+MAX_PAIR_CODEBOOK = 64  # points of a 2-D (pair) codebook: 6-bit indices, written as two 3-bit codes
 MAX_OUTLIERS = 64
 
 
@@ -286,7 +290,7 @@ def turbo_encode_cuda(x, rotation, bits, lengths, centroids, boundaries, vq_code
         norms = x.norm(dim=-1)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
         y = ((x / safe.unsqueeze(-1)) @ rotation.T).contiguous()
-        reason = check_codes(y, bits, lengths, vq_codebook, pack9=True)
+        reason = check_codes(y, bits, lengths, vq_codebook, packed=True)
         if reason is None:
             book = None if vq_codebook is None else vq_codebook.float().contiguous()
             packed, fit = _module().encode_codes(y, list(bits), list(lengths),
@@ -319,7 +323,7 @@ def vq_nearest_cuda(y, codebook):
         return torch_impl(y, codebook)
     reason = check_codes(y, [], [], codebook)
     if reason is None:
-        # int16 codes for more than 256 points, as the torch op returns them
+        # int16 codes for more than 256 points, as the torch op returns them (uint8 for a pair codebook)
         packed, _ = _module().encode_codes(y.contiguous(), [], [], [], [], codebook.float().contiguous(), False,
                                            False)
         return packed[0]

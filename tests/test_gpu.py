@@ -169,21 +169,25 @@ def _same_scales(s_gpu: dict, s_cpu: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("norm_bits", [16, 8])
-@pytest.mark.parametrize("bits", [2, 2.25, 2.5, 3, 4])
+# 3-bit keys both ways: the [64, 2] pair codebook (the default) and Lloyd-Max centroids
+@pytest.mark.parametrize("bits,key_book", [(2, "scalar"), (2.25, "scalar"), (2.5, "scalar"), (3, "scalar"),
+                                           (3, "vq2"), (4, "scalar")])
 @pytest.mark.parametrize("D,r", [(64, 0), (64, 8), (128, 16)])
-def test_turbo_codecs_on_cuda_equal_cpu(bits, D, r, norm_bits):
+def test_turbo_codecs_on_cuda_equal_cpu(bits, key_book, D, r, norm_bits):
     B, H, T, Q = 1, 2, 704, 5  # 22 groups of 32 tokens
     gen = torch.Generator().manual_seed(int(bits * D) + r)
     k = torch.randn(B, H, T, D, generator=gen) * (1 + 4 * (torch.rand(D, generator=gen) > 0.9))
     q = torch.randn(B, H, Q, D, generator=gen)
-    cpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r, norm_bits=norm_bits)
-    gpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r, norm_bits=norm_bits).to(DEVICE)
+    cpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r, norm_bits=norm_bits, codebook=key_book)
+    gpu = TurboKeys(rotation(D - r, 7), bits, D, 7, outliers=r, norm_bits=norm_bits, codebook=key_book).to(DEVICE)
+    assert cpu.pair == (key_book == "vq2")
     assert torch.equal(gpu.rotation.cpu(), cpu.rotation)  # the same matrix from the seed on either device
     s_cpu, s_gpu = cpu.encode(k), gpu.encode(k.to(DEVICE))
     assert set(s_cpu) == set(s_gpu)
     if r:
         assert torch.equal(gpu.head_outliers.cpu(), cpu.head_outliers)
-    # Codes: identical but for rotated coordinates sitting on a codebook boundary (float32 summation order).
+    # Codes: identical but for rotated coordinates sitting on a codebook boundary (float32 summation order); with
+    # the pair codebook the GPU's come from the encode kernel's 3-bit layout (VQ_PACK3), the CPU's from torch.
     for name, (b, _, _) in zip(["key_codes", "key_codes_hi"], cpu.parts):
         same = unpack(s_gpu[name].cpu(), b) == unpack(s_cpu[name], b)
         assert same.float().mean() > 0.999

@@ -3,8 +3,8 @@
 Tolerances (max |kernel - torch| / max |torch|, qjl.kernels.ATTENTION_TOL): attention 1e-4 for float32
 queries, 4e-3 for float16, 2e-2 for bfloat16 (the kernels sum in float32 in another order; a 16-bit output
 rounds once more). Packed codes are bit-exact (sign_bits, scalar_quantize, int_quantize, turbo_encode's scalar
-codes); vq_nearest may break a float32 tie the other way in at most 1 of 1000 bytes; turbo_encode's fp16
-scales within 1e-3.
+codes); vq_nearest (4-D and the [64, 2] pair codebook) may break a float32 tie the other way in at most 1 of 1000
+codes; turbo_encode's fp16 scales within 1e-3.
 
 Under compute-sanitizer (no GPU test needs it, but csrc/gpu_check.sh runs the self-test cases under
 `compute-sanitizer --tool memcheck` with the caching allocator off).
@@ -25,9 +25,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GQA = [1, 3, 4, 8]
-# turbo layouts: the default (9-bit vq4 values of 512 points, 8-bit norms: cache format 5) and the one before it
-# (a vq4 byte per 4 values, fp16 norms)
-LAYOUTS = {"v2.25-n8": {}, "v2-n16": {"value_bits": 2, "norm_bits": 16}}
+# turbo layouts: the default (3-bit keys of the [64, 2] pair codebook, 9-bit vq4 values of 512 points, 8-bit
+# norms: cache format 5) and the one before it (Lloyd-Max keys, a vq4 byte per 4 values, fp16 norms)
+LAYOUTS = {"v2.25-n8": {}, "v2-n16": {"value_bits": 2, "norm_bits": 16, "key_codebook": "scalar"}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,6 +91,33 @@ def test_turbo_9bit_values_reach_every_index():
     args[20] = [pack_codes(idx.to(torch.int16), 9)]
     assert args[20][0].shape == codes.shape
     _one(K.Case(case.op, case.shape + " all indices", case.dtype, tuple(args), case.compare, case.tol))
+
+
+@pytest.mark.parametrize("key_codebook", ["vq2", "scalar"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_turbo_key_codebooks(D, dtype, key_codebook):
+    """Both 3-bit key forms with the default values and norms: the pair table filled from [64, 2] or [8]."""
+    _one(K.turbo_case(D, 2, 4, 1, 32 * 13, 21, dtype, "cuda", seed=D + 3, key_codebook=key_codebook))
+    _one(K.turbo_case(D, 2, 3, 6, 32 * 5, 17, dtype, "cuda", seed=D + 4, key_codebook=key_codebook))
+
+
+@pytest.mark.parametrize("key_codebook", ["vq2", "scalar"])
+def test_turbo_keys_reach_every_pair_index(key_codebook):
+    """Key codes whose 6-bit pair indices take all 64 values in each of the 4 positions of a 24-bit word: every
+    entry of the kernel's pair table (random keys rarely use every point in every position)."""
+    from qjl.ops import pack_codes
+
+    case = K.turbo_case(128, 2, 4, 1, 32 * 20, 9, torch.float32, "cuda", seed=6, key_codebook=key_codebook)
+    args = list(case.args)
+    codes = args[3][0]
+    B, H, T, nb = codes.shape
+    n = nb * 8 // 3  # coded coordinates
+    words = torch.arange(B * H * T * n // 8, device="cuda").view(B, H, T, n // 8, 1)
+    w = ((words * 29 + 17 * torch.arange(4, device="cuda")) % 64).reshape(B, H, T, n // 2)  # 29 odd: all 64
+    args[3] = [pack_codes(torch.stack([w & 7, w >> 3], dim=-1).reshape(B, H, T, n).to(torch.uint8), 3)]
+    assert args[3][0].shape == codes.shape
+    _one(K.Case(case.op, case.shape + " all pair indices", case.dtype, tuple(args), case.compare, case.tol))
 
 
 def test_turbo_no_compressed_tokens():
@@ -222,6 +249,45 @@ def test_turbo_encode_9bit_layout():
     assert scales.dtype == torch.float16 and scales.shape == (3, 40)
 
 
+def test_turbo_encode_pair_layout():
+    """turbo_encode with the [64, 2] pair codebook: 3-bit codes [..., 3D/8] whose pair indices are the nearest
+    points (vq_nearest) but for rare float32 ties, and the least-squares scales of those points."""
+    from qjl.codebooks import pair_codebook_on, rotation
+    from qjl.ops import pair_index
+
+    for D in (64, 128):
+        x = torch.randn(3, 40, D, device="cuda")
+        rot, book = rotation(D, 3).cuda(), pair_codebook_on(D, "cuda")
+        (packed,), scales = K.turbo_encode_cuda(x, rot, [3], [D], [], [], book)
+        assert packed.dtype == torch.uint8 and packed.shape == (3, 40, 3 * D // 8)
+        norms = x.norm(dim=-1, keepdim=True)
+        y = ((x / norms) @ rot.T).contiguous()
+        with K.torch_only():
+            near = K.TORCH_IMPL["qjl::vq_nearest"](y, book)
+            (ref,), ref_scales = K.TORCH_IMPL["qjl::turbo_encode"](x, rot, [3], [D], [], [], book)
+        assert near.dtype == torch.uint8 and near.shape == (3, 40, D // 2)
+        assert (pair_index(packed) != near.int()).float().mean().item() <= 1e-3
+        assert (pair_index(packed) != pair_index(ref)).float().mean().item() <= 1e-3
+        assert scales.dtype == torch.float16 and scales.shape == (3, 40)
+        assert ((scales.float() - ref_scales.float()).abs().max() / ref_scales.float().abs().max()).item() <= 1e-3
+
+
+def test_vq_nearest_pair_codebook_gives_uint8_and_the_first_of_equal_points():
+    """[64, 2]: one uint8 index per 2 numbers, as the torch op's; a point repeated later never wins."""
+    from qjl.codebooks import pair_codebook_on
+
+    book = pair_codebook_on(64, "cuda").clone()
+    book[50] = book[7]
+    y = torch.randn(50, 64, device="cuda") / 8
+    y[:, :2] = book[7]
+    got = K.vq_nearest_cuda(y, book)
+    assert got.dtype == torch.uint8 and got.shape == (50, 32)
+    assert (got[:, 0] == 7).all()
+    with K.torch_only():
+        ref = K.TORCH_IMPL["qjl::vq_nearest"](y, book)
+    assert (got[:, 1:] != ref[:, 1:]).float().mean().item() <= 1e-3
+
+
 def test_sign_bits_odd_sizes():
     for shape in [(8,), (3, 40), (2, 3, 1000)]:
         x = torch.randn(*shape, device="cuda")
@@ -236,7 +302,8 @@ def _greedy(model, cfg, ids, kv, steps=24):
     from qjl.cache import QJLCache
     from qjl.config import QJLConfig
 
-    settings = {"turbo-v2-n16": dict(kv="turbo", turbo_value_bits=2, turbo_norm_bits=16)}.get(kv, dict(kv=kv))
+    settings = {"turbo-v2-n16": dict(kv="turbo", turbo_key_codebook="scalar", turbo_value_bits=2, turbo_norm_bits=16),
+                "turbo-kscalar": dict(kv="turbo", turbo_key_codebook="scalar")}.get(kv, dict(kv=kv))
     cache = QJLCache(cfg, QJLConfig(**settings))
     model(ids[:, :-8], past_key_values=cache)
     cache.freeze_document()
@@ -249,7 +316,7 @@ def _greedy(model, cfg, ids, kv, steps=24):
     return out
 
 
-@pytest.mark.parametrize("kv", ["turbo", "turbo-v2-n16", "qjl"])
+@pytest.mark.parametrize("kv", ["turbo", "turbo-kscalar", "turbo-v2-n16", "qjl"])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 8, 2), (128, 6, 2)])
 def test_greedy_tokens_equal_with_and_without_kernels(kv, head_dim, heads, kv_heads, monkeypatch):
     model, cfg = _model(head_dim, heads, kv_heads)  # test_gpu.py's tiny Llama, q/k scaled so keys matter

@@ -201,8 +201,9 @@ TURBO_ARGS = ["q", "exact_k", "exact_v", "key_codes", "key_bits", "key_centroids
 
 
 def _turbo(old_layout: bool = False, **change):
-    """The op's arguments by name: the default layout (9-bit values, 8-bit norms), or the one before it."""
-    layout = dict(value_bits=2, norm_bits=16) if old_layout else {}
+    """The op's arguments by name: the default layout (pair-codebook keys, 9-bit values, 8-bit norms), or the one
+    before it (Lloyd-Max keys, vq4 bytes, fp16 norms)."""
+    layout = dict(value_bits=2, norm_bits=16, key_codebook="scalar") if old_layout else {}
     case = K.turbo_case(64, 2, 2, 1, 64, 5, torch.bfloat16, "cpu", seed=3, **layout)
     return dict(zip(TURBO_ARGS, case.args)) | change
 
@@ -216,19 +217,23 @@ def test_turbo_argument_names_follow_the_op():
 
 
 def test_the_parity_cases_are_valid_op_arguments_and_supported():
-    layouts = set()
+    layouts, keys = set(), set()
     for c in K.cases("self-test", device="cpu"):
         if c.op == "qjl::turbo_attention":
             assert K.check_turbo_attention(*c.args, device_type="cpu") is None, c.shape
             a = dict(zip(TURBO_ARGS, c.args))
             layouts.add((a["value_bits"][0], a["key_norm_steps"] is not None, a["value_norm_steps"] is not None))
+            keys.add((K._TURBO_KEYS[tuple(a["key_centroids"][0].shape)], a["value_bits"][0]))
         elif c.op == "qjl::sketch_attention":
             assert K.check_sketch_attention(*c.args, device_type="cpu") is None, c.shape
     # the default layout (9-bit values, 8-bit norms), the one before it (vq4 bytes, fp16 norms), the others
     assert {(9, True, True), (9, False, False), (2, False, False), (2, True, True), (3, False, False),
             (4, True, True)} <= layouts
+    # the default keys (pair codebook) and Lloyd-Max keys, each with the default values; format 4's scalar keys
+    assert {("pair", 9), ("scalar", 9), ("scalar", 2), ("pair", 2)} <= keys
     encode = {c.shape for c in K.cases("self-test", device="cpu") if c.op in ("qjl::turbo_encode", "qjl::vq_nearest")}
-    assert {"64x64 vq4/512", "64x128 vq4/256", "64x64 512", "64x128 256"} <= encode
+    assert {"64x64 vq4/512", "64x128 vq4/256", "64x64 512", "64x128 256", "64x64 vq2/64", "64x128 vq2/64",
+            "64x64 64x2", "64x128 64x2"} <= encode
     rows = K.parity(K.cases("self-test", device="cpu")[:4], timing=True, kernels=dict(K.TORCH_IMPL))
     assert all(r.ok and r.max_err == 0 for r in rows)
     assert all(r.kernel_ms is not None and r.speedup is not None for r in rows)
@@ -274,6 +279,44 @@ def test_norm_steps_must_cover_whole_groups():
     strided = torch.cat([steps, steps], dim=-1)[..., ::2]
     assert K.check_turbo_attention(**(args | {"key_norm_steps": strided}), device_type="cpu") == \
         "a non-contiguous key_norm_steps"
+
+
+def test_both_key_codebooks_are_covered():
+    """3-bit keys of the [64, 2] pair codebook (the default) and of 8 Lloyd-Max centroids: the same packed codes
+    and op, the kernel's pair table filled from either; other centroid shapes fall back."""
+    new, old = _turbo(), _turbo(old_layout=True)
+    assert tuple(new["key_centroids"][0].shape) == (64, 2) and tuple(old["key_centroids"][0].shape) == (8,)
+    assert new["key_codes"][0].shape == old["key_codes"][0].shape and new["key_bits"] == old["key_bits"] == [3]
+    check = lambda **c: K.check_turbo_attention(**(new | c), device_type="cpu")  # noqa: E731
+    assert check() is None and check(key_centroids=old["key_centroids"]) is None
+    want = "(kernels: [8] Lloyd-Max centroids or a [64, 2] pair codebook)"
+    assert check(key_centroids=[torch.randn(16, 2)]) == f"3-bit key centroids of shape (16, 2) {want}"
+    assert check(key_centroids=[torch.randn(64, 4)]) == f"3-bit key centroids of shape (64, 4) {want}"
+    assert check(key_centroids=[torch.randn(8, 1)]) == f"3-bit key centroids of shape (8, 1) {want}"
+
+
+def test_pair_codes_are_the_kernels_3_byte_words():
+    """What csrc/encode.cu writes for a pair codebook (VQ_PACK3): per 8 coordinates the 4 pair indices w_j as
+    one little-endian 24-bit word sum_j w_j << 6j, is turbo_encode's pack_codes((w & 7, w >> 3), 3); and the
+    attention kernel's pair table row w, (c[w, 0], c[w, 1]), is what the torch scoring reads for index w."""
+    from qjl.codebooks import pair_codebook_on, rotation
+    from qjl.ops import pair_index, vq_nearest
+    from qjl.turbo import turbo_encode
+
+    D = 64
+    x = torch.randn(5, D, generator=torch.Generator().manual_seed(1))
+    rot, book = rotation(D, 2), pair_codebook_on(D, "cpu")
+    (packed,), _ = turbo_encode(x, rot, [3], [D], [], [], book)
+    y = (x / x.norm(dim=-1, keepdim=True)) @ rot.T
+    w = vq_nearest(y, book).to(torch.int64)  # [5, D/2]
+    assert w.dtype == torch.int64 and int(w.max()) < 64
+    word = (w.view(5, D // 8, 4) << torch.tensor([0, 6, 12, 18])).sum(-1)
+    kernel = torch.stack([(word >> s) & 255 for s in (0, 8, 16)], dim=-1).reshape(5, 3 * D // 8).to(torch.uint8)
+    assert torch.equal(packed, kernel)
+    assert torch.equal(pair_index(packed).long(), w)
+    # the 64 float2 entries of the attention kernel's table: row w of the contiguous [64, 2] tensor
+    flat = book.contiguous().reshape(-1)
+    assert torch.equal(torch.stack([flat[2 * w], flat[2 * w + 1]], -1), book[w])
 
 
 def test_both_value_and_norm_layouts_are_covered():
@@ -330,18 +373,28 @@ def test_code_checks():
     assert K.check_codes(torch.randn(4, 12), [3], [12], None, device_type="cpu").startswith("12 coordinates")
     assert K.check_codes(y, [8], [64], None, device_type="cpu").startswith("8-bit codes")
     assert K.check_codes(y, [], [], torch.randn(256, 4), device_type="cpu") is None
-    assert K.check_codes(y, [], [], torch.randn(16, 2), device_type="cpu").startswith("a codebook of shape (16, 2)")
+    # 2-D (pair) codebooks of up to 64 points: uint8 indices (vq_nearest) or 3-bit packed codes (turbo_encode)
+    for pair in (torch.randn(64, 2), torch.randn(16, 2)):
+        assert K.check_codes(y, [], [], pair, device_type="cpu") is None
+        assert K.check_codes(y, [], [], pair, device_type="cpu", packed=True) is None
+        assert K.check_codes(torch.randn(4, 40), [], [], pair, device_type="cpu", packed=True) is None
+    assert K.check_codes(y, [], [], torch.randn(65, 2), device_type="cpu") == \
+        "a codebook of shape (65, 2) (kernels: [K <= 512, 4] or [K <= 64, 2])"
+    assert K.check_codes(y, [], [], torch.randn(16, 3), device_type="cpu").startswith("a codebook of shape (16, 3)")
+    assert K.check_codes(y, [], [], torch.randn(64), device_type="cpu").startswith("a codebook of shape (64,)")
+    assert K.check_codes(torch.randn(4, 12), [], [], torch.randn(64, 2), device_type="cpu") == \
+        "12 coordinates (kernels: a multiple of 8)"
     # 512 points: int16 codes (vq_nearest) for any multiple of 8; 9-bit packed (turbo_encode) in whole bytes
     book = torch.randn(512, 4)
     assert K.check_codes(y, [], [], book, device_type="cpu") is None
-    assert K.check_codes(y, [], [], book, device_type="cpu", pack9=True) is None
+    assert K.check_codes(y, [], [], book, device_type="cpu", packed=True) is None
     y40 = torch.randn(4, 40)
     assert K.check_codes(y40, [], [], book, device_type="cpu") is None
-    assert K.check_codes(y40, [], [], book, device_type="cpu", pack9=True) == \
+    assert K.check_codes(y40, [], [], book, device_type="cpu", packed=True) == \
         "9-bit codes of 40 coordinates (kernels: a multiple of 32)"
-    assert K.check_codes(y40, [], [], torch.randn(256, 4), device_type="cpu", pack9=True) is None
+    assert K.check_codes(y40, [], [], torch.randn(256, 4), device_type="cpu", packed=True) is None
     assert K.check_codes(y, [], [], torch.randn(513, 4), device_type="cpu") == \
-        "a codebook of shape (513, 4) (kernels: [K <= 512, 4])"
+        "a codebook of shape (513, 4) (kernels: [K <= 512, 4] or [K <= 64, 2])"
 
 
 def test_exact_parts_are_made_kernel_ready():
