@@ -26,7 +26,8 @@ SETTINGS = {
     "qjl": QJLConfig(kv="qjl"),
     "turbo": QJLConfig(),
     "turbo, torch code": QJLConfig(),
-    "turbo, format 4 (V2 vq4-256, fp16 scales)": QJLConfig(turbo_value_bits=2, turbo_norm_bits=16),
+    "turbo, format 4 (scalar K3, V2 vq4-256, fp16 scales)": QJLConfig(turbo_key_codebook="scalar", turbo_value_bits=2,
+                                                                    turbo_norm_bits=16),
     "turbo, no channels apart": QJLConfig(turbo_outlier_fraction=0.0),
 }
 
