@@ -385,7 +385,7 @@ def register() -> None:
 register()
 
 
-from .kernel_checks import (check_codes, _dtype, _exact_parts, _non_contiguous, _tensors_on, _unsupported,  # noqa: E402,F401
-                            check_sketch_attention, check_turbo_attention)
+from .kernel_checks import (_dtype, _exact_parts, _non_contiguous, _tensors_on, _unsupported,  # noqa: E402,F401
+                            check_codes, check_sketch_attention, check_turbo_attention)
 from .kernel_parity import (ATTENTION_TOL, Case, ParityRow, cases, check, encode_cases, format_table,  # noqa: E402,F401
                             parity, sketch_case, turbo_case)

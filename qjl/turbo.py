@@ -147,7 +147,8 @@ class _Rotated(SharedMatrices):
 
     def _codes_spec(self, base: str, batch: int, heads: int, tokens: int) -> dict[str, tuple]:
         if self.vq:
-            return {base: (torch.uint8, (batch, heads, tokens, packed_bytes(self.dim // 4, 8 if self.vq == 256 else 9)))}
+            index_bits = 8 if self.vq == 256 else 9
+            return {base: (torch.uint8, (batch, heads, tokens, packed_bytes(self.dim // 4, index_bits)))}
         return {name: (torch.uint8, (batch, heads, tokens, packed_bytes(b - a, bits)))
                 for name, (bits, a, b) in zip(_part_names(base, self.parts), self.parts)}
 
@@ -237,7 +238,8 @@ class TurboKeys(_Rotated):
         names = _part_names("key_codes", self.parts)
         args = dict(key_codes=[state[n] for n in names], key_bits=[b for b, _, _ in self.parts],
                     key_centroids=self._centroids(state["key_norms"].device), key_norms=state["key_norms"],
-                    key_norm_steps=state.get("key_norms_steps"), key_rotation=self.rotation, channels=self.head_outliers, rest=self.rest,
+                    key_norm_steps=state.get("key_norms_steps"), key_rotation=self.rotation,
+                    channels=self.head_outliers, rest=self.rest,
                     residual_signs=state.get("key_residual_signs"), residual_norms=state.get("key_residual_norms"),
                     residual_projection=self.projection, residual_scale=self.scale)
         if self.channels is not None:
