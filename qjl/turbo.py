@@ -286,7 +286,7 @@ class TurboValues(_Rotated):
     def __init__(self, rotation: Tensor, bits: float, dim: int, rotation_seed: int, codebook: str = "scalar",
                  norm_bits: int = 16, norm_group: int = 32):
         super().__init__(rotation, bits, dim, rotation_seed, norm_bits, norm_group)
-        if codebook == "vq4" and bits in VQ_POINTS and dim % 32 == 0:
+        if codebook == "vq4" and bits in VQ_POINTS and dim % (4 if bits == 2 else 32) == 0:  # 9-bit: 8 codes a byte
             self.vq = VQ_POINTS[bits]
             self.parts = [(2 if self.vq == 256 else 9, 0, dim)]  # the index layout: bytes, or 9-bit codes
 

@@ -171,11 +171,13 @@ def _norms_covered(norms, steps, other_steps) -> bool:
             and steps.shape == other_steps.shape and steps.shape[2] > 0 and norms.shape[2] % steps.shape[2] == 0)
 
 
-def _covered(q, exact_k, key_codes, key_norms, key_norm_steps, channels, outlier_bits, outlier_scales,
-             residual_projection, value_codes, value_norms, value_norm_steps) -> bool:
+def _covered(q, exact_k, key_codes, key_bits, key_centroids, key_norms, key_norm_steps, channels, outlier_bits,
+             outlier_scales, residual_projection, value_codes, value_norms, value_norm_steps) -> bool:
     B, Hq, L, D = q.shape
     rows = Hq // exact_k[0].shape[1] * L
     return (residual_projection is None and rows <= MAX_ROWS and D <= MAX_HEAD_DIM and len(key_codes) <= MAX_PARTS
+            and all(c.dim() == 1 or (b == 3 and tuple(c.shape) == (64, 2))  # centroids, or a 3-bit pair codebook
+                    for b, c in zip(key_bits, key_centroids))
             and (channels is None or channels.shape[-1] <= MAX_CHANNELS)
             and len(value_codes) <= MAX_PARTS and _norms_covered(key_norms, key_norm_steps, value_norm_steps)
             and _norms_covered(value_norms, value_norm_steps, key_norm_steps)
@@ -188,10 +190,9 @@ def turbo_attention_cpu(q, exact_k, exact_v, key_codes, key_bits, key_centroids,
                         group_size, residual_signs, residual_norms, residual_projection, residual_scale, value_codes,
                         value_bits, value_tables, value_norms, value_norm_steps, value_rotation, scaling):
     lib = library()
-    pairs_ok = all(c.dim() == 1 or (b == 3 and tuple(c.shape) == (64, 2)) for b, c in zip(key_bits, key_centroids))
-    if lib is None or not pairs_ok or not _covered(q, exact_k, key_codes, key_norms, key_norm_steps, channels,
-                                                   outlier_bits, outlier_scales, residual_projection, value_codes,
-                                                   value_norms, value_norm_steps):
+    if lib is None or not _covered(q, exact_k, key_codes, key_bits, key_centroids, key_norms, key_norm_steps,
+                                   channels, outlier_bits, outlier_scales, residual_projection, value_codes,
+                                   value_norms, value_norm_steps):
         return attention_ops.turbo_attention._init_fn(
             q, exact_k, exact_v, key_codes, key_bits, key_centroids, key_norms, key_norm_steps, key_rotation,
             channels, rest, outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size, residual_signs,
