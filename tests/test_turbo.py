@@ -315,6 +315,10 @@ def test_config_validation():
         QJLConfig(sink_tokens=-1)
     with pytest.raises(ConfigError):
         QJLConfig(turbo_value_codebook="vq8")
+    with pytest.raises(ConfigError, match="turbo_key_codebook must be 'scalar' or 'vq2', not 'vq4'"):
+        QJLConfig(turbo_key_codebook="vq4")
+    with pytest.raises(ConfigError, match="turbo_norm_bits must be 8 or 16, not 12"):
+        QJLConfig(turbo_norm_bits=12)
 
 
 # --- through the cache ----------------------------------------------------------------------------
