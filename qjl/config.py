@@ -80,6 +80,12 @@ class QJLConfig:
     # tokens, 8.5 bits) so that 2.25-bit values fit under 3 bits a number. Measured on four genres at 4,352
     # tokens: KL within 0.0008 of fp16 scales (BENCHMARKS.md "Cache format 5").
     turbo_norm_bits: int = 8
+    # --kv turbo: layers whose keys (k) or values (v) take other bits than turbo_key_bits / turbo_value_bits, as
+    # "v1=3" or "v1=3,k11=4" (0-based layer indices; bits 1 to 4, scalar codes where no codebook has those bits).
+    # SmolLM2's layer-1 values weigh 3-6x any other layer's in the output's KL (one layer's values coded at a
+    # time, all four genres alike): 3 bits there cost 0.0125 bits a number over 30 layers and took KL -8% to -11%
+    # (BENCHMARKS.md "Per-layer bits"). Other layers, and keys, measured no gain worth their bits.
+    turbo_layer_bits: str = "v1=3"
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
     # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).
     turbo_residual_ratio: float = 0.0
@@ -103,6 +109,7 @@ class QJLConfig:
             raise ConfigError(f"turbo_value_codebook must be 'scalar' or 'vq4', not {self.turbo_value_codebook!r}")
         if self.turbo_key_codebook not in ("scalar", "vq2"):
             raise ConfigError(f"turbo_key_codebook must be 'scalar' or 'vq2', not {self.turbo_key_codebook!r}")
+        self.layer_bits()  # raises ConfigError on a malformed turbo_layer_bits
         if self.turbo_norm_bits not in (8, 16):
             raise ConfigError(f"turbo_norm_bits must be 8 or 16, not {self.turbo_norm_bits}")
         if not 0 <= self.turbo_outlier_fraction < 1:
@@ -158,6 +165,27 @@ class QJLConfig:
             raise ConfigError(f"turbo_outlier_fraction {self.turbo_outlier_fraction} leaves no channel of {head_dim} "
                               f"to rotate")
         return r
+
+    def layer_bits(self) -> dict[tuple[str, int], float]:
+        """turbo_layer_bits parsed: {("k" or "v", layer index): bits}."""
+        out: dict[tuple[str, int], float] = {}
+        for item in filter(None, (s.strip() for s in self.turbo_layer_bits.split(","))):
+            kind, rest = item[:1], item[1:]
+            layer, eq, bits = rest.partition("=")
+            try:
+                key, value = (kind, int(layer)), float(bits)
+            except ValueError:
+                key, value = None, 0.0
+            if kind not in ("k", "v") or not eq or key is None or key[1] < 0 or not 1 <= value <= 4:
+                raise ConfigError(f"turbo_layer_bits entry {item!r} is not k<layer>=<bits> or v<layer>=<bits> "
+                                  f"with bits 1 to 4 (for example \"v1=3\")")
+            out[key] = value
+        return out
+
+    def turbo_bits(self, kind: str, layer_idx: int) -> float:
+        """Bits of turbo's key ("k") or value ("v") codes in a layer: turbo_layer_bits' entry, else the global."""
+        default = self.turbo_key_bits if kind == "k" else self.turbo_value_bits
+        return self.layer_bits().get((kind, layer_idx), default)
 
     def matrix_seed(self, role: str) -> int:
         """The seed of a per-model matrix (MATRIX_ROLES)."""

@@ -190,7 +190,7 @@ class TurboKeys(_Rotated):
         r = config.turbo_outliers(head_dim)
         m = config.turbo_residual_dim(head_dim - r)
         proj = jl_projection(m, head_dim - r, pseed) if m else None
-        return cls(rotation(head_dim - r, rseed), config.turbo_key_bits, head_dim, rseed, proj, pseed,
+        return cls(rotation(head_dim - r, rseed), config.turbo_bits("k", layer_idx), head_dim, rseed, proj, pseed,
                    r, config.group_size, config.outlier_bits, config.turbo_norm_bits, config.turbo_key_codebook)
 
     def to(self, device) -> "TurboKeys":
@@ -293,8 +293,8 @@ class TurboValues(_Rotated):
     @classmethod
     def for_layer(cls, config, layer_idx: int, head_dim: int) -> "TurboValues":
         vseed = config.matrix_seed("value_rotation")
-        return cls(rotation(head_dim, vseed), config.turbo_value_bits, head_dim, vseed, config.turbo_value_codebook,
-                   config.turbo_norm_bits, config.group_size)
+        return cls(rotation(head_dim, vseed), config.turbo_bits("v", layer_idx), head_dim, vseed,
+                   config.turbo_value_codebook, config.turbo_norm_bits, config.group_size)
 
     def to(self, device) -> "TurboValues":
         self._move(device)

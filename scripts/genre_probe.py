@@ -15,6 +15,8 @@ with the turbo codecs of a config, and the attention outputs of the queries at p
 Usage:
     python scripts/genre_probe.py --tokens 2304 --text all [--config '{"sink_tokens": 16}'] [--json out.json]
 
+    python scripts/genre_probe.py --layers --tokens 2304 --text code,docs --config '{"turbo_layer_bits": ""}'
+
 The output-error figures are a proxy: they rank layers and genres and tell keys from values, while perplexity
 and KL (scripts/quality_table.py) remain the measure.
 """
@@ -93,6 +95,42 @@ def copy_split(model, ids, config, ref=None):
             "kl_from_copies": (kl[copy].sum() / kl.sum()).item()}
 
 
+def layer_kl(model, ids, config, ref, parts: dict[int, str]) -> float:
+    """Mean KL(exact || compressed) over positions >= 256 of one forward pass in which only the layers of `parts`
+    have their keys ("k"), values ("v") or both ("kv") decoded."""
+    import torch.nn.functional as F
+
+    def squeezed(module, query, key, value, *args, **kwargs):
+        part = parts.get(module.layer_idx, "")
+        if part:
+            kh, vh = decoded(config, module.layer_idx, query, key, value)
+            key, value = (kh if "k" in part else key), (vh if "v" in part else value)
+        return qjl_attention_forward(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, squeezed)
+    try:
+        lp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+    finally:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, qjl_attention_forward)
+    return (ref.exp() * (ref - lp)).sum(-1)[256:-1].mean().item()
+
+
+def layer_sensitivity(model, ids, config, label) -> dict:
+    """KL with every layer's K/V decoded, then with one layer's keys or values decoded at a time: which layers'
+    codes weigh most in the output (2 x layers + 2 forward passes)."""
+    import torch.nn.functional as F
+
+    ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+    n = model.config.num_hidden_layers
+    out = {"all": layer_kl(model, ids, config, ref, {i: "kv" for i in range(n)})}
+    for part in ("v", "k"):
+        out[part] = [layer_kl(model, ids, config, ref, {i: part}) for i in range(n)]
+        order = sorted(range(n), key=lambda i: -out[part][i])
+        print(f"{label} {part}: every layer's KL / all layers' K+V KL {out['all']:.4f}, heaviest first: "
+              + ", ".join(f"L{i} {out[part][i] / out['all']:.3f}" for i in order), flush=True)
+    return out
+
+
 def attention(q, k, v, pos, heavy=None, k_exact=None, v_exact=None):
     """Outputs [H, g, Q, D] and weights [H, g, Q, T] of queries at positions pos over keys before them."""
     H, T, D = k.shape
@@ -168,6 +206,8 @@ def main() -> int:
     p.add_argument("--screen", nargs="*", default=None,
                    help="with --copy: more configs (JSON each) measured against the same exact pass")
     p.add_argument("--json", default=None)
+    p.add_argument("--layers", action="store_true", help="instead: the KL of one forward pass with one layer's keys "
+                   "or values decoded, for every layer (which layers' codes weigh most; turbo_layer_bits)")
     p.add_argument("--copy", action="store_true", help="instead: one forward pass with decoded K/V in every "
                    "layer, its KL per token split into copies (a bigram seen before) and the rest")
     args = p.parse_args()
@@ -178,6 +218,9 @@ def main() -> int:
     for name in parse_texts(args.text):
         ids = loaded.tokenizer(text_of(name), return_tensors="pt", add_special_tokens=False)["input_ids"]
         ids = ids[:, :args.tokens]
+        if args.layers:
+            out[label_of(name)] = layer_sensitivity(loaded.model, ids, config, label_of(name))
+            continue
         if args.copy:
             import torch.nn.functional as F
 

@@ -29,9 +29,10 @@ PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
 TURBO0 = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_outlier_fraction=0.0, sink_tokens=0,
                    buffer=64, turbo_value_codebook="scalar", turbo_norm_bits=16,
-                   turbo_key_codebook="scalar")  # turbo as first built (least-squares scales aside)
-# the default of cache format 4: scalar K3, V2 vq4-256, fp16 scales
-F4 = QJLConfig(turbo_key_codebook="scalar", turbo_value_bits=2, turbo_norm_bits=16)
+                   turbo_key_codebook="scalar", turbo_layer_bits="")  # turbo as first built (least-squares scales aside)
+# the default of cache format 5 (the same bits in every layer), and of format 4: scalar K3, V2 vq4-256, fp16 scales
+F5 = QJLConfig(turbo_layer_bits="")
+F4 = F5.replace(turbo_key_codebook="scalar", turbo_value_bits=2, turbo_norm_bits=16)
 HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8, query_aware_outliers=False)
 
 PRESETS = {
@@ -95,13 +96,20 @@ PRESETS = {
     # Issue 16, cache format 5: 8-bit scales pay for 2.25-bit values from a 512-point 4-D codebook; 3-bit keys
     # from a 64-point 2-D codebook (the same bits and layout).
     "format5": {
-        "turbo default (format 5: K3 vq2 + 8 apart, V2.25 vq4-512, 8-bit scales)": QJLConfig(),
-        "format 5, scalar K3": QJLConfig(turbo_key_codebook="scalar"),
+        "turbo default (format 5: K3 vq2 + 8 apart, V2.25 vq4-512, 8-bit scales)": F5,
+        "format 5, scalar K3": F5.replace(turbo_key_codebook="scalar"),
         "format 4's default (V2 vq4-256, fp16 scales)": F4,
         "format 4's default + 8-bit scales": F4.replace(turbo_norm_bits=8),
-        "format 5's codes, fp16 scales": QJLConfig(turbo_norm_bits=16),
-        "turbo-2.5 (K2 + 8 apart, V2.25 vq4-512, 8-bit scales)": QJLConfig(turbo_key_bits=2),
+        "format 5's codes, fp16 scales": F5.replace(turbo_norm_bits=16),
+        "turbo-2.5 (K2 + 8 apart, V2.25 vq4-512, 8-bit scales)": F5.replace(turbo_key_bits=2),
         "qjl default (+ 4 sinks)": QJLConfig(kv="qjl"),
+    },
+    # Issue 16, cache format 6: per-layer bits, layer 1's values at 3 bits (scripts/genre_probe.py --layers).
+    "layers": {
+        "turbo default (format 6: format 5 + layer-1 values at 3 bits)": QJLConfig(),
+        "format 5's default (every layer alike)": F5,
+        "format 5 + layer-1 values at 4 bits": QJLConfig(turbo_layer_bits="v1=4"),
+        "turbo-2.5, layer-1 values at 3 bits": QJLConfig(turbo_key_bits=2),
     },
     # Key bits traded for value bits around the turbo default (fractional bits: qjl/turbo.py split_bits).
     "trades": {

@@ -321,6 +321,17 @@ def test_config_validation():
         QJLConfig(turbo_norm_bits=12)
 
 
+def test_layer_bits_override_one_layer_and_reject_what_they_cannot_mean():
+    config = QJLConfig(turbo_layer_bits="v1=3, k11=4")
+    assert config.turbo_bits("v", 1) == 3 and config.turbo_bits("v", 0) == config.turbo_value_bits == 2.25
+    assert config.turbo_bits("k", 11) == 4 and config.turbo_bits("k", 1) == config.turbo_key_bits == 3
+    assert QJLConfig().layer_bits() == {("v", 1): 3.0}  # the default: layer 1's values (BENCHMARKS.md)
+    assert QJLConfig(turbo_layer_bits="").layer_bits() == {}
+    for bad in ("x1=3", "v=3", "v1", "v-1=2", "v1=5", "v1=a", "k2=0.5"):
+        with pytest.raises(ConfigError, match=f"turbo_layer_bits entry '{bad}' is not"):
+            QJLConfig(turbo_layer_bits=bad)
+
+
 # --- through the cache ----------------------------------------------------------------------------
 DOC, TAIL = 600, 20
 
@@ -372,6 +383,26 @@ def test_turbo_logits_are_closer_to_exact_than_qjl_at_similar_bits(tiny):
     assert _rel(turbo, exact) < _rel(qjl, exact)
 
 
+def test_a_layer_with_its_own_bits_codes_and_counts_them(tiny):
+    """turbo_layer_bits gives one layer 3-bit scalar value codes (3 bytes a 8 numbers) beside the other layer's
+    9-bit codes (4 numbers each); the bits a number count them, and the logits stay close to the uniform layout's."""
+    model, cfg = tiny
+    ids = _ids(DOC + TAIL)
+    uniform, uc = _ask(model, cfg, ids, QJLConfig(turbo_layer_bits=""))
+    mixed, mc = _ask(model, cfg, ids, QJLConfig(turbo_layer_bits="v1=3"))
+    n = mc.layers[1].n_compressed
+    assert n == uc.layers[1].n_compressed > 0
+    assert mc.layers[0].value_state["value_codes"].shape[-1] == 64 // 4 * 9 // 8  # 9 bits per 4 numbers
+    assert mc.layers[1].value_state["value_codes"].shape[-1] == 64 * 3 // 8
+    assert uc.layers[1].value_state["value_codes"].shape[-1] == 64 // 4 * 9 // 8
+    # one layer of two: (3 - 2.25) / 2 bits more on each value number, half the numbers are values
+    extra = mc.bits_per_number() - uc.bits_per_number()
+    assert 0.75 / 4 * 0.8 < extra < 0.75 / 4 * 1.05
+    with torch.no_grad():
+        exact = model(ids).logits[:, DOC:]
+    assert _rel(mixed, exact) < _rel(uniform, exact) * 1.2
+
+
 @pytest.mark.parametrize("config", [QJLConfig(kv="turbo"),
                                     QJLConfig(kv="turbo", turbo_key_bits=2, turbo_residual_ratio=1.0)])
 def test_rollback_restores_the_document_exactly(tiny, config):
@@ -401,7 +432,7 @@ def test_bits_by_hand(tiny):
     """K3/V2, residual m=d, d=64, 2 KV heads, 2 layers, 600 tokens: 512 compressed + an 88-token fp16 window."""
     model, cfg = tiny
     config = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_residual_ratio=1.0,
-                       turbo_outlier_fraction=0.0, sink_tokens=0, buffer=64, turbo_norm_bits=16)
+                       turbo_outlier_fraction=0.0, sink_tokens=0, buffer=64, turbo_norm_bits=16, turbo_layer_bits="")
     _, cache = _ask(model, cfg, _ids(DOC + TAIL), config)
     cache.rollback()
     d, h, layers, nc = 64, 2, 2, 512
@@ -417,13 +448,13 @@ def test_bits_by_hand(tiny):
 def test_default_bits_by_hand(tiny):
     """The default turbo cache, d=64, 2 KV heads, 2 layers, 600 tokens: 4 sink tokens, then 576 compressed in
     groups of 32 (buffer 0), 20 left in the window; keys: 8 channels apart (4-bit over 32 tokens, fp16 scale and
-    minimum) and 3-bit codes of the other 56; values: 9-bit codes of each 4 of 64; each scale 8 bits, with an
-    fp16 step per 32 tokens for keys and for values."""
+    minimum) and 3-bit codes of the other 56; values: 9-bit codes of each 4 of 64 (layer 1: 3-bit scalar codes);
+    each scale 8 bits, with an fp16 step per 32 tokens for keys and for values."""
     model, cfg = tiny
     config = QJLConfig()
     assert (config.kv, config.turbo_key_bits, config.turbo_value_bits, config.turbo_value_codebook,
             config.turbo_norm_bits, config.turbo_outlier_fraction, config.sink_tokens, config.exact_buffer(),
-            config.outlier_bits) == ("turbo", 3, 2.25, "vq4", 8, 0.125, 4, 0, 4)
+            config.outlier_bits, config.turbo_layer_bits) == ("turbo", 3, 2.25, "vq4", 8, 0.125, 4, 0, 4, "v1=3")
     _, cache = _ask(model, cfg, _ids(DOC + TAIL), config)
     cache.rollback()
     d, h, layers, r, sink = 64, 2, 2, 8, 4
@@ -431,8 +462,8 @@ def test_default_bits_by_hand(tiny):
     assert [layer.n_compressed for layer in cache.layers] == [nc] * layers
     key = (d - r) * 3 // 8 + 1  # codes of the rotated rest, 8-bit scale
     outliers = (nc // 32) * r * (32 * 4 // 8 + 2 + 2) + r * 8  # per group and channel; channel numbers (int64)
-    value = d // 4 * 9 // 8 + 1
+    values = d // 4 * 9 // 8 + 1 + d * 3 // 8 + 1  # layer 0, layer 1
     outliers += (nc // 32) * 2 * 2  # the fp16 steps of the key and the value scales, per 32 tokens
     exact = (DOC - nc) * d * 2 * 2  # sink and window, keys and values in fp16
     shared = (d - r) ** 2 * 4 + d * d * 4  # the key rotation (56 x 56) and the value rotation, once
-    assert cache.document_nbytes() == layers * h * (nc * (key + value) + outliers + exact) + shared
+    assert cache.document_nbytes() == h * (layers * (nc * key + outliers + exact) + nc * values) + shared
