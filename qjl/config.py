@@ -82,9 +82,10 @@ class QJLConfig:
     turbo_norm_bits: int = 8
     # --kv turbo: layers whose keys (k) or values (v) take other bits than turbo_key_bits / turbo_value_bits, as
     # "v1=3" or "v1=3,k11=4" (0-based layer indices; bits 1 to 4, scalar codes where no codebook has those bits).
-    # SmolLM2's layer-1 values weigh 3-6x any other layer's in the output's KL (one layer's values coded at a
-    # time, all four genres alike): 3 bits there cost 0.0125 bits a number over 30 layers and took KL -8% to -11%
-    # (BENCHMARKS.md "Per-layer bits"). Other layers, and keys, measured no gain worth their bits.
+    # SmolLM2's layer-1 values weigh about 5x the median layer's in the output's KL (one layer's codes at a time,
+    # code and docs alike): 3 bits there cost 0.012 bits a number over 30 layers and took KL -3% to -13% per genre
+    # (BENCHMARKS.md "Per-layer bits"). Other layers, and keys, measured no gain worth their bits. For another
+    # model, measure with scripts/genre_probe.py --layers; "" codes every layer alike (cache format 5's layout).
     turbo_layer_bits: str = "v1=3"
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
     # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).

@@ -28,9 +28,9 @@ QJL = QJLConfig(kv="qjl", sink_tokens=0)  # the QJL mode as measured before sink
 PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
 TURBO0 = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_outlier_fraction=0.0, sink_tokens=0,
-                   buffer=64, turbo_value_codebook="scalar", turbo_norm_bits=16,
-                   turbo_key_codebook="scalar", turbo_layer_bits="")  # turbo as first built (least-squares scales aside)
-# the default of cache format 5 (the same bits in every layer), and of format 4: scalar K3, V2 vq4-256, fp16 scales
+                   buffer=64, turbo_value_codebook="scalar", turbo_norm_bits=16, turbo_key_codebook="scalar",
+                   turbo_layer_bits="")  # turbo as first built (least-squares scales aside)
+# the default of cache format 5 (the same bits in every layer), and of format 4 (scalar K3, V2 vq4-256, fp16 scales)
 F5 = QJLConfig(turbo_layer_bits="")
 F4 = F5.replace(turbo_key_codebook="scalar", turbo_value_bits=2, turbo_norm_bits=16)
 HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8, query_aware_outliers=False)
