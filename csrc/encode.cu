@@ -46,6 +46,7 @@ struct CodeParams {
   int vq_out;                    // VqOut
   int16_t* out16;                // VQ_I16: [rows, dim / 4]
   float* fit;                    // [rows] or nullptr
+  bool unbiased;                 // fit 1 / <y, y_hat> instead of the least-squares <y, y_hat> / |y_hat|^2
 };
 
 // <g, c> for a point c of C numbers. C = 2 rounds as a float32 matmul with an inner dimension of 2 does
@@ -167,7 +168,7 @@ __global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
     if (p.fit) {
       dot = warp_sum(dot);
       nn = warp_sum(nn);
-      if (lane == 0) p.fit[row] = dot / fmaxf(nn, 1e-30f);
+      if (lane == 0) p.fit[row] = p.unbiased ? 1.f / fmaxf(dot, 1e-30f) : dot / fmaxf(nn, 1e-30f);
     }
   }
 }
@@ -235,13 +236,14 @@ at::Tensor sign_bits(const at::Tensor& x) {
 // uint8 for K <= 256; for K > 256 int16 codes, or with `pack` (turbo_encode) one uint8 [..., n + n/8] of 9-bit
 // codes (n = dim/4, a multiple of 8). Pair codebook: book float32 [K <= 64, 2] -> uint8 indices [..., dim/2],
 // or with `pack` the 3-bit layout [..., 3*dim/8] (index w as codes w & 7, w >> 3). want_fit: also
-// <y, y_hat> / max(|y_hat|^2, 1e-30) per row (float32 [...]), else an empty tensor.
+// <y, y_hat> / max(|y_hat|^2, 1e-30) per row (float32 [...]), or with `unbiased` 1 / max(<y, y_hat>, 1e-30)
+// (turbo_encode's two scale rules), else an empty tensor.
 std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y, const std::vector<int64_t>& bits,
                                                              const std::vector<int64_t>& lengths,
                                                              const std::vector<at::Tensor>& boundaries,
                                                              const std::vector<at::Tensor>& centroids,
                                                              const c10::optional<at::Tensor>& book, bool want_fit,
-                                                             bool pack) {
+                                                             bool pack, bool unbiased) {
   QJL_CHECK_CUDA_TENSOR(y, "y");
   QJL_CHECK_DTYPE(y, at::kFloat, "y");
   QJL_CHECK_CONTIGUOUS(y, "y");
@@ -329,6 +331,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y
   }
   at::Tensor fit = want_fit ? at::empty(lead, y.options()) : at::Tensor();
   p.fit = want_fit ? fit.data_ptr<float>() : nullptr;
+  p.unbiased = unbiased;
   if (p.rows > 0) {
     const int threads = 256;
     codes_kernel<<<grid_for(p.rows * 32, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(

@@ -31,7 +31,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y
                                                              const std::vector<at::Tensor>& boundaries,
                                                              const std::vector<at::Tensor>& centroids,
                                                              const c10::optional<at::Tensor>& book, bool want_fit,
-                                                             bool pack);
+                                                             bool pack, bool unbiased);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& v, int64_t bits, int64_t group);
 }  // namespace qjl
 
@@ -42,6 +42,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_bits", &qjl::sign_bits, "x > 0 packed 8 to a byte");
   m.def("encode_codes", &qjl::encode_codes,
         "Lloyd-Max, vq4 (K > 256: 9-bit packed or int16) or pair codes (3-bit packed) of rows, with the "
-        "least-squares fit");
+        "least-squares or the unbiased fit");
   m.def("int_quantize", &qjl::int_quantize, "asymmetric integer codes with fp16 scales and minimums");
 }

@@ -87,6 +87,15 @@ class QJLConfig:
     # (BENCHMARKS.md "Per-layer bits"). Other layers, and keys, measured no gain worth their bits. For another
     # model, measure with scripts/genre_probe.py --layers; "" codes every layer alike (cache format 5's layout).
     turbo_layer_bits: str = "v1=3"
+    # --kv turbo: store each value's scale as ||v|| / <y, y_hat> (y the rotated unit vector, y_hat its codes), so the
+    # decoded value has v's own projection on v, rather than the least-squares fit, which shortens every value by
+    # the codes' relative error (~7% at 2.25 bits) alike: a bias the weighted sum of many tokens keeps while their
+    # independent errors average out. Same bits, layout and kernels (only the stored number changes).
+    turbo_unbiased_values: bool = True
+    # The same for keys: least-squares keys shrink every compressed logit (~3% at 3 bits, ~12% at 2) against the
+    # exact sink and question tokens'. Both on, at 4,352 tokens: KL -42% to -49% on every genre, code's
+    # perplexity excess 4.0% -> 2.0%; turbo-2.5's 4.9-16% -> 2.2-4.8% (BENCHMARKS.md "Unbiased scales").
+    turbo_unbiased_keys: bool = True
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
     # K2 + a residual with m = d measured x1.062 at 3.25 bits, worse than K3 alone (x1.043 at 3.12).
     turbo_residual_ratio: float = 0.0
@@ -222,7 +231,7 @@ class QJLConfig:
 
 
 # Turbo presets by bits per number: a preset's changes to the defaults. "3" is the default (2.9-3.1 bits everything
-# counted); "2.5" takes the keys to 2 bits (+ the channels kept apart): 2.55 bits at 4k, the bench's turbo-2.5.
-# Not a user option: it measured x1.054-x1.184 per genre (BENCHMARKS.md, "Quality per genre"), far from the 3% a
-# second preset needs.
+# counted); "2.5" takes the keys to 2 bits (+ the channels kept apart): 2.56 bits at 4k, the bench's turbo-2.5.
+# Not a user option: with unbiased scales it measured x1.022-x1.048 per genre (BENCHMARKS.md "Unbiased scales"),
+# code still past the 3% a second preset needs.
 TURBO_PRESETS: dict[str, dict] = {"3": {}, "2.5": {"turbo_key_bits": 2}}

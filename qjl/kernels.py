@@ -6,7 +6,7 @@
                          codebook; 2/3/4-bit or vq4 values of 256 or 512 points; fp16 or 8-bit norms)
   qjl::sketch_attention  fused split-K attention, --kv qjl (sign sketches, 2/4-bit integer values)
   qjl::turbo_encode      rotation (cuBLAS, as the torch op), Lloyd-Max, vq4 (9-bit packed for 512 points) or
-                         pair codes (the [64, 2] codebook as 3-bit codes), the least-squares scale
+                         pair codes (the [64, 2] codebook as 3-bit codes), the least-squares or unbiased scale
   qjl::scalar_quantize, qjl::vq_nearest, qjl::int_quantize, qjl::sign_bits   encode steps
 
 The first call of one of them with CUDA tensors builds the extension from csrc/ (ninja; cached under
@@ -278,8 +278,8 @@ def sketch_attention_cuda(q, exact_k, exact_v, signs, key_norms, projection, ske
     return _dispatch("qjl::sketch_attention", args, check_sketch_attention, launch)
 
 
-def turbo_encode_cuda(x, rotation, bits, lengths, centroids, boundaries, vq_codebook):
-    args = (x, rotation, bits, lengths, centroids, boundaries, vq_codebook)
+def turbo_encode_cuda(x, rotation, bits, lengths, centroids, boundaries, vq_codebook, unbiased=False):
+    args = (x, rotation, bits, lengths, centroids, boundaries, vq_codebook, unbiased)
     torch_impl = TORCH_IMPL["qjl::turbo_encode"]
     if not _ready():
         return torch_impl(*args)
@@ -295,7 +295,8 @@ def turbo_encode_cuda(x, rotation, bits, lengths, centroids, boundaries, vq_code
             book = None if vq_codebook is None else vq_codebook.float().contiguous()
             packed, fit = _module().encode_codes(y, list(bits), list(lengths),
                                                  [b.float().contiguous() for b in boundaries],
-                                                 [c.float().contiguous() for c in centroids], book, True, True)
+                                                 [c.float().contiguous() for c in centroids], book, True, True,
+                                                 bool(unbiased))
             return list(packed), (norms * fit).to(torch.float16)
     fallback("qjl::turbo_encode", reason)
     return torch_impl(*args)
@@ -311,7 +312,7 @@ def scalar_quantize_cuda(y, boundaries, bits):
         reason = f"{boundaries.numel()} boundaries for {bits}-bit codes"
     if reason is None:
         packed, _ = _module().encode_codes(y.contiguous(), [int(bits)], [int(y.shape[-1])],
-                                           [boundaries.float().contiguous()], [], None, False, False)
+                                           [boundaries.float().contiguous()], [], None, False, False, False)
         return packed[0]
     fallback("qjl::scalar_quantize", reason)
     return torch_impl(y, boundaries, bits)
@@ -325,7 +326,7 @@ def vq_nearest_cuda(y, codebook):
     if reason is None:
         # int16 codes for more than 256 points, as the torch op returns them (uint8 for a pair codebook)
         packed, _ = _module().encode_codes(y.contiguous(), [], [], [], [], codebook.float().contiguous(), False,
-                                           False)
+                                           False, False)
         return packed[0]
     fallback("qjl::vq_nearest", reason)
     return torch_impl(y, codebook)

@@ -30,7 +30,8 @@ from .sketch import jl_projection, jl_projection_on, sign_estimator_scale
 
 @torch.library.custom_op("qjl::turbo_encode", mutates_args=())
 def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int], centroids: list[Tensor],
-                 boundaries: list[Tensor], vq_codebook: Optional[Tensor]) -> tuple[list[Tensor], Tensor]:
+                 boundaries: list[Tensor], vq_codebook: Optional[Tensor], unbiased: bool = False
+                 ) -> tuple[list[Tensor], Tensor]:
     """x [..., dim] float32 -> (packed codes of each part, fp16 scales [...]).
 
     y = R x/||x|| is coded part by part (the next lengths[p] coordinates at bits[p] bits each, the Lloyd-Max
@@ -38,7 +39,10 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
     (K = 256: a byte each; 512: 9-bit codes in pack_codes' layout), or, with a pair codebook [64, 2], of each
     2 coordinates (the 6-bit index w as the two 3-bit codes w & 7, w >> 3, so pair_index reads w back).
     The stored scale is ||x|| times the least-squares fit <y, y_hat> / ||y_hat||^2 of the codes to the unit
-    vector, rather than ||x||: the same 16 bits, a smaller error (K3/V2 on SmolLM2: ppl x1.043 -> x1.028)."""
+    vector, rather than ||x||: the same 16 bits, a smaller error (K3/V2 on SmolLM2: ppl x1.043 -> x1.028).
+    `unbiased`: ||x|| / <y, y_hat> instead, the scale whose decoded vector has x's own projection on x (the
+    least-squares one is shorter along x by the codes' relative error, about 7% at 2.25 bits, a shrinkage that
+    does not average out over the tokens a query attends to: BENCHMARKS.md "Unbiased value scales")."""
     norms = x.norm(dim=-1)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     y = (x / safe.unsqueeze(-1)) @ rotation.T
@@ -57,7 +61,8 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
             parts.append(c[unpack_codes(packed[-1], b).long()])  # the centroids of the codes just made
             a += n
         y_hat = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    fit = (y_hat * y).sum(-1) / (y_hat * y_hat).sum(-1).clamp_min(1e-30)
+    dot = (y_hat * y).sum(-1)
+    fit = 1.0 / dot.clamp_min(1e-30) if unbiased else dot / (y_hat * y_hat).sum(-1).clamp_min(1e-30)
     return packed, (norms * fit).to(torch.float16)
 
 
@@ -78,7 +83,7 @@ class _Rotated(SharedMatrices):
     """
 
     def __init__(self, rotation: Tensor, bits: float, dim: int, rotation_seed: int, norm_bits: int = 16,
-                 norm_group: int = 32):
+                 norm_group: int = 32, unbiased: bool = False):
         if dim % 8 or dim < 8:
             raise ValueError(f"{dim} coded coordinates is not a multiple of 8")
         if tuple(rotation.shape) != (dim, dim):
@@ -93,6 +98,7 @@ class _Rotated(SharedMatrices):
         self.vq = 0  # TurboValues: points of the 4-D codebook (256: a byte per 4 coordinates; 512: 9 bits)
         self.pair = False  # TurboKeys: 3-bit codes from the 2-D codebook (pair_codebook_on)
         self.norm_bits, self.norm_group = norm_bits, norm_group
+        self.unbiased = unbiased  # scales ||x|| / <y, y_hat> rather than the least-squares fit (turbo_encode)
 
     def _centroids(self, device) -> list[Tensor]:
         if self.pair:
@@ -107,7 +113,7 @@ class _Rotated(SharedMatrices):
         return turbo_encode(x, self.rotation.to(x.device), [b for b, _, _ in parts],
                             [e - a for _, a, e in parts], [c for c, _ in books], [bd for _, bd in books],
                             vq4_on(self.dim, dev, self.vq) if self.vq else
-                            pair_codebook_on(self.dim, dev) if self.pair else None)
+                            pair_codebook_on(self.dim, dev) if self.pair else None, self.unbiased)
 
     def _norm_state(self, base: str, norms: Tensor) -> dict[str, Tensor]:
         """The fp16 scales as stored: as they are, or 8-bit codes + steps."""
@@ -172,8 +178,9 @@ class TurboKeys(_Rotated):
 
     def __init__(self, rotation: Tensor, bits: float, head_dim: int, rotation_seed: int = 0,
                  projection: Tensor | None = None, projection_seed: int = 0, outliers: int = 0,
-                 group_size: int = 32, outlier_bits: int = 4, norm_bits: int = 16, codebook: str = "scalar"):
-        super().__init__(rotation, bits, head_dim - outliers, rotation_seed, norm_bits, group_size)
+                 group_size: int = 32, outlier_bits: int = 4, norm_bits: int = 16, codebook: str = "scalar",
+                 unbiased: bool = False):
+        super().__init__(rotation, bits, head_dim - outliers, rotation_seed, norm_bits, group_size, unbiased)
         self.pair = codebook == "vq2" and bits == 3
         self.head_dim = head_dim
         self.projection = projection  # S: [m, dim] float32 for the residual, or None
@@ -191,7 +198,8 @@ class TurboKeys(_Rotated):
         m = config.turbo_residual_dim(head_dim - r)
         proj = jl_projection(m, head_dim - r, pseed) if m else None
         return cls(rotation(head_dim - r, rseed), config.turbo_bits("k", layer_idx), head_dim, rseed, proj, pseed,
-                   r, config.group_size, config.outlier_bits, config.turbo_norm_bits, config.turbo_key_codebook)
+                   r, config.group_size, config.outlier_bits, config.turbo_norm_bits, config.turbo_key_codebook,
+                   config.turbo_unbiased_keys)
 
     def to(self, device) -> "TurboKeys":
         self._move(device)
@@ -284,8 +292,8 @@ class TurboValues(_Rotated):
     SHARED_ATTRS = {"value_rotation": "rotation"}
 
     def __init__(self, rotation: Tensor, bits: float, dim: int, rotation_seed: int, codebook: str = "scalar",
-                 norm_bits: int = 16, norm_group: int = 32):
-        super().__init__(rotation, bits, dim, rotation_seed, norm_bits, norm_group)
+                 norm_bits: int = 16, norm_group: int = 32, unbiased: bool = False):
+        super().__init__(rotation, bits, dim, rotation_seed, norm_bits, norm_group, unbiased)
         if codebook == "vq4" and bits in VQ_POINTS and dim % (4 if bits == 2 else 32) == 0:  # 9-bit: 8 codes a byte
             self.vq = VQ_POINTS[bits]
             self.parts = [(2 if self.vq == 256 else 9, 0, dim)]  # the index layout: bytes, or 9-bit codes
@@ -294,7 +302,8 @@ class TurboValues(_Rotated):
     def for_layer(cls, config, layer_idx: int, head_dim: int) -> "TurboValues":
         vseed = config.matrix_seed("value_rotation")
         return cls(rotation(head_dim, vseed), config.turbo_bits("v", layer_idx), head_dim, vseed,
-                   config.turbo_value_codebook, config.turbo_norm_bits, config.group_size)
+                   config.turbo_value_codebook, config.turbo_norm_bits, config.group_size,
+                   config.turbo_unbiased_values)
 
     def to(self, device) -> "TurboValues":
         self._move(device)

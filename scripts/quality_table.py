@@ -29,9 +29,11 @@ PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
 TURBO0 = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_outlier_fraction=0.0, sink_tokens=0,
                    buffer=64, turbo_value_codebook="scalar", turbo_norm_bits=16, turbo_key_codebook="scalar",
-                   turbo_layer_bits="")  # turbo as first built (least-squares scales aside)
+                   turbo_layer_bits="", turbo_unbiased_values=False,
+                   turbo_unbiased_keys=False)  # turbo as first built (least-squares scales aside)
 # the default of cache format 5 (the same bits in every layer), and of format 4 (scalar K3, V2 vq4-256, fp16 scales)
-F5 = QJLConfig(turbo_layer_bits="")
+F5 = QJLConfig(turbo_layer_bits="", turbo_unbiased_values=False, turbo_unbiased_keys=False)
+F6 = QJLConfig(turbo_unbiased_values=False, turbo_unbiased_keys=False)  # format 6 as first built
 F4 = F5.replace(turbo_key_codebook="scalar", turbo_value_bits=2, turbo_norm_bits=16)
 HEAD8 = PAPER.replace(outlier_scope="head", outlier_fraction=1 / 8, query_aware_outliers=False)
 
@@ -106,10 +108,18 @@ PRESETS = {
     },
     # Issue 16, cache format 6: per-layer bits, layer 1's values at 3 bits (scripts/genre_probe.py --layers).
     "layers": {
-        "turbo default (format 6: format 5 + layer-1 values at 3 bits)": QJLConfig(),
+        "turbo default (format 6: format 5 + layer-1 values at 3 bits)": F6,
         "format 5's default (every layer alike)": F5,
-        "format 5 + layer-1 values at 4 bits": QJLConfig(turbo_layer_bits="v1=4"),
-        "turbo-2.5, layer-1 values at 3 bits": QJLConfig(turbo_key_bits=2),
+        "format 5 + layer-1 values at 4 bits": F6.replace(turbo_layer_bits="v1=4"),
+        "turbo-2.5, layer-1 values at 3 bits": F6.replace(turbo_key_bits=2),
+    },
+    # Issue 16: scales that keep each decoded value's projection on itself (turbo_unbiased_values).
+    "unbiased": {
+        "unbiased value scales, least-squares key scales": QJLConfig(turbo_unbiased_keys=False),
+        "least-squares scales (format 6 as first built)": F6,
+        "turbo default (format 6, unbiased key and value scales)": QJLConfig(),
+        "turbo-2.5 (K2), unbiased value scales": QJLConfig(turbo_key_bits=2, turbo_unbiased_keys=False),
+        "turbo-2.5 (K2), unbiased key and value scales": QJLConfig(turbo_key_bits=2),
     },
     # Key bits traded for value bits around the turbo default (fractional bits: qjl/turbo.py split_bits).
     "trades": {

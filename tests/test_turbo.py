@@ -321,6 +321,50 @@ def test_config_validation():
         QJLConfig(turbo_norm_bits=12)
 
 
+@pytest.mark.parametrize("bits", [2.25, 3])
+def test_unbiased_value_scales_keep_each_values_projection_and_the_mean_of_many(bits):
+    """turbo_unbiased_values: every decoded value has <v, v_hat> = |v|^2 (the least-squares scale gives
+    <v, v_hat> = |v_hat|^2 < |v|^2 instead), so the average of many tokens sharing a direction is not shortened."""
+    torch.manual_seed(3)
+    common = torch.randn(64)
+    v = common + 0.7 * torch.randn(1, 2, 512, 64)
+    codec = {u: TurboValues.for_layer(QJLConfig(turbo_value_bits=bits, turbo_norm_bits=16, turbo_layer_bits="",
+                                                turbo_unbiased_values=u), 0, 64) for u in (False, True)}
+    ls, unb = (codec[u].decode(codec[u].encode(v)) for u in (False, True))
+    along = lambda vh: (v * vh).sum(-1) / v.pow(2).sum(-1)  # noqa: E731
+    assert along(unb).sub(1).abs().max() < 2e-3  # fp16 scales
+    assert along(ls).max() < 1 and (v * ls).sum(-1).sub(ls.pow(2).sum(-1)).abs().max() < 1e-2 * v.pow(2).sum(-1).max()
+    shrink = 1 - along(ls).mean().item()  # about the codes' relative error: 7% at 2.25 bits, 3.5% at 3
+    assert 0.02 < shrink < 0.1
+    # the average's error along the tokens' common direction: the least-squares shrinkage, gone when unbiased
+    mean_err = {name: ((vh.mean(2) - v.mean(2)) @ common / common.norm()).abs().max().item()
+                for name, vh in (("ls", ls), ("unbiased", unb))}
+    assert mean_err["unbiased"] < 0.4 * mean_err["ls"]
+    # per token the unbiased scale errs a little more (it does not minimise each token's error)
+    per_token = {name: (vh - v).pow(2).sum().item() for name, vh in (("ls", ls), ("unbiased", unb))}
+    assert per_token["ls"] < per_token["unbiased"] < 1.2 * per_token["ls"]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_unbiased_key_scales_keep_the_logits_scale(bits):
+    """turbo_unbiased_keys (the default): <k, k_hat> = |k|^2 per key (no outliers apart here), so a query's
+    logits over many keys are not shrunk towards 0 on average, as the least-squares keys' are by their error."""
+    torch.manual_seed(4)
+    k = torch.randn(1, 2, 256, 64) + torch.randn(64)
+    q = torch.randn(64)
+    decoded = {}
+    for u in (False, True):
+        codec = TurboKeys.for_layer(QJLConfig(turbo_key_bits=bits, turbo_norm_bits=16, turbo_outlier_fraction=0.0,
+                                              turbo_unbiased_keys=u), 0, 64)
+        decoded[u] = codec.decode(codec.encode(k))
+    assert QJLConfig().turbo_unbiased_keys and QJLConfig().turbo_unbiased_values
+    along = lambda kh: (k * kh).sum(-1) / k.pow(2).sum(-1)  # noqa: E731
+    assert along(decoded[True]).sub(1).abs().max() < 2e-3
+    assert along(decoded[False]).mean() < 1 - (0.02 if bits == 3 else 0.08)
+    slope = {u: ((decoded[u] @ q) * (k @ q)).sum() / (k @ q).pow(2).sum() for u in (False, True)}  # logit gain
+    assert abs(slope[True] - 1) < 0.5 * abs(slope[False] - 1)
+
+
 def test_layer_bits_override_one_layer_and_reject_what_they_cannot_mean():
     config = QJLConfig(turbo_layer_bits="v1=3, k11=4")
     assert config.turbo_bits("v", 1) == 3 and config.turbo_bits("v", 0) == config.turbo_value_bits == 2.25
