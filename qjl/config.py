@@ -93,7 +93,7 @@ class QJLConfig:
     # independent errors average out. Same bits, layout and kernels (only the stored number changes).
     turbo_unbiased_values: bool = True
     # The same for keys: least-squares keys shrink every compressed logit (~3% at 3 bits, ~12% at 2) against the
-    # exact sink and question tokens'. Both on, at 4,352 tokens: KL -42% to -49% on every genre, code's
+    # exact sink and question tokens'. Both on, at 4,352 tokens: KL -38% to -50% on every genre, code's
     # perplexity excess 4.0% -> 2.0%; turbo-2.5's 4.9-16% -> 2.2-4.8% (BENCHMARKS.md "Unbiased scales").
     turbo_unbiased_keys: bool = True
     # --kv turbo: rows of the 1-bit QJL sketch of each key's residual, as a multiple of head_dim; 0 = none:
