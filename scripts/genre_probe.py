@@ -66,6 +66,30 @@ def decoded(config, i, q, k, v):
     return kh, vh
 
 
+def compressed_log_probs(model, ids, config, parts: dict[int, str] | None = None):
+    """Log-probabilities [T, V] of one forward pass in which the layers of `parts` have their keys ("k"), values
+    ("v") or both ("kv") decoded by the config's codecs; None: every layer's keys and values."""
+    import torch.nn.functional as F
+
+    def squeezed(module, query, key, value, *args, **kwargs):
+        part = "kv" if parts is None else parts.get(module.layer_idx, "")
+        if part:
+            kh, vh = decoded(config, module.layer_idx, query, key, value)
+            key, value = (kh if "k" in part else key), (vh if "v" in part else value)
+        return qjl_attention_forward(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, squeezed)
+    try:
+        return F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+    finally:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, qjl_attention_forward)
+
+
+def token_kl(ref, lp):
+    """KL(exact || compressed) per predicted position from 256 on."""
+    return (ref.exp() * (ref - lp)).sum(-1)[256:-1]
+
+
 def copy_split(model, ids, config, ref=None):
     """Per-token KL(exact || compressed) of one forward pass whose keys and values are decoded in every layer,
     split into tokens that continue a bigram seen earlier in the text (copies) and the others."""
@@ -73,17 +97,7 @@ def copy_split(model, ids, config, ref=None):
 
     if ref is None:
         ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
-
-    def squeezed(module, query, key, value, *args, **kwargs):
-        kh, vh = decoded(config, module.layer_idx, query, key, value)
-        return qjl_attention_forward(module, query, kh, vh, *args, **kwargs)
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, squeezed)
-    try:
-        lp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
-    finally:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, qjl_attention_forward)
-    kl = (ref.exp() * (ref - lp)).sum(-1)[256:-1]
+    kl = token_kl(ref, compressed_log_probs(model, ids, config))
     t = ids[0].tolist()
     seen, copy = set(), []
     for j in range(len(t) - 1):
@@ -96,23 +110,8 @@ def copy_split(model, ids, config, ref=None):
 
 
 def layer_kl(model, ids, config, ref, parts: dict[int, str]) -> float:
-    """Mean KL(exact || compressed) over positions >= 256 of one forward pass in which only the layers of `parts`
-    have their keys ("k"), values ("v") or both ("kv") decoded."""
-    import torch.nn.functional as F
-
-    def squeezed(module, query, key, value, *args, **kwargs):
-        part = parts.get(module.layer_idx, "")
-        if part:
-            kh, vh = decoded(config, module.layer_idx, query, key, value)
-            key, value = (kh if "k" in part else key), (vh if "v" in part else value)
-        return qjl_attention_forward(module, query, key, value, *args, **kwargs)
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, squeezed)
-    try:
-        lp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
-    finally:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, qjl_attention_forward)
-    return (ref.exp() * (ref - lp)).sum(-1)[256:-1].mean().item()
+    """Mean KL(exact || compressed) over positions >= 256 with only the layers of `parts` decoded."""
+    return token_kl(ref, compressed_log_probs(model, ids, config, parts)).mean().item()
 
 
 def layer_sensitivity(model, ids, config, label) -> dict:
