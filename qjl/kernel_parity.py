@@ -186,7 +186,7 @@ def encode_cases(D: int, rows: int, device, seed: int = 0) -> list[Case]:
                 [bd for _, bd in books], vq4_on(D, dev, points) if points else None)
         out.append(Case("qjl::turbo_encode", f"{rows}x{D} {f'vq4/{points}' if points else f'{bits}-bit'}", "float32",
                         args, _encode_err, 1e-3))
-        if points == 512:  # the default values: scales 1 / <y, y_hat> (turbo_unbiased_values)
+        if points == 512:  # the default scales 1 / <y, y_hat> (turbo_unbiased_values, _keys)
             out.append(Case("qjl::turbo_encode", f"{rows}x{D} vq4/512 unbiased", "float32", args + (True,),
                             _encode_err, 1e-3))
         if bits == 3:  # the default keys: each pair of coordinates the nearest of the [64, 2] codebook

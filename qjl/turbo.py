@@ -42,7 +42,7 @@ def turbo_encode(x: Tensor, rotation: Tensor, bits: list[int], lengths: list[int
     vector, rather than ||x||: the same 16 bits, a smaller error (K3/V2 on SmolLM2: ppl x1.043 -> x1.028).
     `unbiased`: ||x|| / <y, y_hat> instead, the scale whose decoded vector has x's own projection on x (the
     least-squares one is shorter along x by the codes' relative error, about 7% at 2.25 bits, a shrinkage that
-    does not average out over the tokens a query attends to: BENCHMARKS.md "Unbiased value scales")."""
+    does not average out over the tokens a query attends to: BENCHMARKS.md "Unbiased scales")."""
     norms = x.norm(dim=-1)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     y = (x / safe.unsqueeze(-1)) @ rotation.T
