@@ -173,32 +173,86 @@ __global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
   }
 }
 
-// --- int_quantize: asymmetric integer codes per group, scale and minimum rounded to fp16 first ---------------
-__global__ void int_quantize_kernel(const float* __restrict__ v, uint8_t* __restrict__ codes, __half* __restrict__ scales,
-                                    __half* __restrict__ mins, int64_t ngroups, int group, int bits) {
+// --- int_quantize: asymmetric integer codes per group ----------------------------------------------------------
+// Without fit: scale and minimum from the group's range, rounded to fp16 first, codes chosen against the rounded
+// ones. With fit (qjl/ops/encode.py int_quantize, the specification): kFitRounds rounds of nearest codes and the
+// least-squares line for them, then the last codes on the line through their mean whose slope keeps the group's
+// projection on itself (scale = |x - m|^2 / cov); codes kept, scale and minimum rounded to fp16 at the end.
+constexpr int kFitRounds = 6;  // qjl.ops.encode.FIT_ROUNDS
+
+__device__ __forceinline__ void store_codes(const float* x, uint8_t* out, float lo, float sc, int group, int bits) {
   const int levels = (1 << bits) - 1, per = 8 / bits;
+  const float safe = sc > 0.f ? sc : 1.f;
+  for (int byte = 0; byte < group / per; ++byte) {
+    uint32_t w = 0;
+    for (int k = 0; k < per; ++k) {
+      float c = rintf((x[byte * per + k] - lo) / safe);
+      c = fminf(fmaxf(c, 0.f), static_cast<float>(levels));
+      w |= static_cast<uint32_t>(c) << (k * bits);
+    }
+    out[byte] = static_cast<uint8_t>(w);
+  }
+}
+
+// The fit of one group, from its min/max line (lo, sc): the line its codes are rounded against (code_lo, code_sc)
+// and the scale and minimum stored (out_lo, out_sc, before fp16 rounding).
+__device__ void fit_line(const float* x, int group, int levels, float lo, float sc, float& code_lo, float& code_sc,
+                         float& out_lo, float& out_sc) {
+  float xm = 0.f;
+  for (int i = 0; i < group; ++i) xm += x[i];
+  xm /= static_cast<float>(group);
+  float cm = 0.f, cov = 0.f;
+  for (int round = 0; round <= kFitRounds; ++round) {
+    code_lo = lo;
+    code_sc = sc;
+    const float safe = sc > 0.f ? sc : 1.f;
+    float sum_c = 0.f;
+    for (int i = 0; i < group; ++i) sum_c += fminf(fmaxf(rintf((x[i] - lo) / safe), 0.f), static_cast<float>(levels));
+    cm = sum_c / static_cast<float>(group);
+    float var = 0.f;
+    cov = 0.f;
+    for (int i = 0; i < group; ++i) {
+      const float c = fminf(fmaxf(rintf((x[i] - lo) / safe), 0.f), static_cast<float>(levels)) - cm;
+      var += c * c;
+      cov += c * (x[i] - xm);
+    }
+    if (var > 0.f) {
+      sc = cov / var;
+      lo = xm - sc * cm;
+    }
+  }
+  if (cov > 0.f) {
+    float ss = 0.f;
+    for (int i = 0; i < group; ++i) ss += (x[i] - xm) * (x[i] - xm);
+    sc = ss / cov;
+  }
+  out_sc = sc;
+  out_lo = xm - sc * cm;
+}
+
+__global__ void int_quantize_kernel(const float* __restrict__ v, uint8_t* __restrict__ codes, __half* __restrict__ scales,
+                                    __half* __restrict__ mins, int64_t ngroups, int group, int bits, bool fit) {
+  const int levels = (1 << bits) - 1;
   for (int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; gi < ngroups;
        gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float* x = v + gi * group;
     float lo = x[0], hi = x[0];
     for (int i = 1; i < group; ++i) { lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]); }
+    uint8_t* out = codes + gi * (group * bits / 8);
+    if (fit) {
+      float code_lo, code_sc, out_lo, out_sc;
+      fit_line(x, group, levels, lo, (hi - lo) / static_cast<float>(levels), code_lo, code_sc, out_lo, out_sc);
+      store_codes(x, out, code_lo, code_sc, group, bits);
+      scales[gi] = __float2half_rn(out_sc);
+      mins[gi] = __float2half_rn(out_lo);
+      continue;
+    }
     const __half lo_h = __float2half_rn(lo);
     const float lo_f = __half2float(lo_h);
     const __half sc_h = __float2half_rn((hi - lo_f) / static_cast<float>(levels));
-    const float sc_f = __half2float(sc_h);
-    const float safe = sc_f > 0.f ? sc_f : 1.f;
     scales[gi] = sc_h;
     mins[gi] = lo_h;
-    uint8_t* out = codes + gi * (group * bits / 8);
-    for (int byte = 0; byte < group / per; ++byte) {
-      uint32_t w = 0;
-      for (int k = 0; k < per; ++k) {
-        float c = rintf((x[byte * per + k] - lo_f) / safe);
-        c = fminf(fmaxf(c, 0.f), static_cast<float>(levels));
-        w |= static_cast<uint32_t>(c) << (k * bits);
-      }
-      out[byte] = static_cast<uint8_t>(w);
-    }
+    store_codes(x, out, lo_f, __half2float(sc_h), group, bits);
   }
 }
 
@@ -341,7 +395,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y
   return {outs, fit};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& v, int64_t bits, int64_t group) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& v, int64_t bits, int64_t group,
+                                                             bool fit) {
   QJL_CHECK_CUDA_TENSOR(v, "v");
   QJL_CHECK_DTYPE(v, at::kFloat, "v");
   QJL_CHECK_CONTIGUOUS(v, "v");
@@ -361,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& v,
     const int threads = 128;
     int_quantize_kernel<<<grid_for(ngroups, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         v.data_ptr<float>(), codes.data_ptr<uint8_t>(), reinterpret_cast<__half*>(scales.data_ptr()),
-        reinterpret_cast<__half*>(mins.data_ptr()), ngroups, static_cast<int>(group), static_cast<int>(bits));
+        reinterpret_cast<__half*>(mins.data_ptr()), ngroups, static_cast<int>(group), static_cast<int>(bits), fit);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {codes, scales, mins};

@@ -32,7 +32,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y
                                                              const std::vector<at::Tensor>& centroids,
                                                              const c10::optional<at::Tensor>& book, bool want_fit,
                                                              bool pack, bool unbiased);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& v, int64_t bits, int64_t group);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& v, int64_t bits, int64_t group,
+                                                             bool fit);
 }  // namespace qjl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

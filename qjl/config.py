@@ -61,6 +61,13 @@ class QJLConfig:
     # Channels per value group: one fp16 scale and minimum per group. 64 costs 0.5 bits a value number
     # less than KIVI's 32 and measured no worse on SmolLM2.
     value_group: int = 64
+    # --kv qjl: each value group's scale and minimum fitted to its codes by least squares, then the scale stretched
+    # about the group's mean so the decoded group keeps its own projection on itself (qjl::int_quantize's `fit`):
+    # about half the squared error of min/max codes at 2 bits, without least squares' shrinkage. At 4,352 tokens:
+    # ppl x1.057/1.057/1.101/1.083 -> x1.039/1.051/1.090/1.065 (prose, docs, code, numbers), KL -8% to -19%; least
+    # squares without the stretch was worse than min/max (code x1.141), and fitting the 4-bit key channels apart
+    # measured nothing (BENCHMARKS.md "Fitted integer values").
+    value_fit: bool = True
     # --kv turbo: bits per key coordinate, 1 to 4; a fraction puts that share of the rotated coordinates (in
     # multiples of 8) at one bit more (2.5: half at 3 bits). 3: on SmolLM2 (2,304 tokens, V 2-bit) K3 gave ppl
     # x1.043 at 3.12 bits a number against x1.144 for K2 at 2.64; softmax amplifies key error.

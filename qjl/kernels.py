@@ -332,10 +332,10 @@ def vq_nearest_cuda(y, codebook):
     return torch_impl(y, codebook)
 
 
-def int_quantize_cuda(v, bits, group):
+def int_quantize_cuda(v, bits, group, fit=False):
     torch_impl = TORCH_IMPL["qjl::int_quantize"]
     if not _ready():
-        return torch_impl(v, bits, group)
+        return torch_impl(v, bits, group, fit)
     _tensors_on("cuda", {"v": v})
     reason = None
     if v.dim() != 4:
@@ -343,9 +343,9 @@ def int_quantize_cuda(v, bits, group):
     elif bits not in (1, 2, 4, 8) or v.shape[-1] % group or group * bits % 8:
         reason = f"{bits}-bit codes in groups of {group} of {v.shape[-1]} channels"
     if reason is None:
-        return tuple(_module().int_quantize(v.float().contiguous(), int(bits), int(group)))
+        return tuple(_module().int_quantize(v.float().contiguous(), int(bits), int(group), bool(fit)))
     fallback("qjl::int_quantize", reason)
-    return torch_impl(v, bits, group)
+    return torch_impl(v, bits, group, fit)
 
 
 def sign_bits_cuda(x):

@@ -1,7 +1,8 @@
 """QJL mode's value codec: per-token asymmetric integer quantisation (KIVI's value scheme).
 
 Each token's value vector is split into groups of `group` channels; each group keeps an fp16 scale and
-minimum and `bits`-bit codes packed into bytes (qjl/ops/codes.py). The attention-weighted sum is computed
+minimum and `bits`-bit codes packed into bytes (qjl/ops/codes.py); by default the scale and minimum are fitted
+to the codes rather than taken from the group's range (qjl::int_quantize's `fit`). The attention-weighted sum is computed
 from the codes (qjl/ops/attention.py int_value_sum), so a dequantised copy of the whole V never exists.
 """
 
@@ -19,20 +20,21 @@ class QuantValues(SharedMatrices):
     """Values of one layer (the ValueCodec of qjl/codecs.py): `bits`-bit codes per channel, fp16 scale and
     minimum per group of channels."""
 
-    def __init__(self, bits: int, group: int, head_dim: int):
+    def __init__(self, bits: int, group: int, head_dim: int, fit: bool = False):
         if head_dim % group:
             raise ValueError(f"value group {group} does not divide head_dim {head_dim}")
         self.bits = bits
         self.group = group
         self.head_dim = head_dim
+        self.fit = fit  # scale and minimum fitted to the codes, not the group's min/max (int_quantize)
 
     @classmethod
     def for_layer(cls, config, layer_idx: int, head_dim: int) -> "QuantValues":
-        return cls(config.value_bits, config.value_group_for(head_dim), head_dim)
+        return cls(config.value_bits, config.value_group_for(head_dim), head_dim, config.value_fit)
 
     def encode(self, v: Tensor) -> dict[str, Tensor]:
         """v: [B, H, T, D] -> state with codes [B,H,T,D*bits/8], scales and mins [B,H,T,D/group]."""
-        codes, scales, mins = int_quantize(v.float(), self.bits, self.group)
+        codes, scales, mins = int_quantize(v.float(), self.bits, self.group, self.fit)
         return {"value_codes": codes, "value_scales": scales, "value_mins": mins}
 
     def decode(self, state: dict[str, Tensor]) -> Tensor:

@@ -121,6 +121,11 @@ PRESETS = {
         "turbo-2.5 (K2), unbiased value scales": QJLConfig(turbo_key_bits=2, turbo_unbiased_keys=False),
         "turbo-2.5 (K2), unbiased key and value scales": QJLConfig(turbo_key_bits=2),
     },
+    # Issue 16: the qjl mode's integer values with a fitted scale and minimum (value_fit).
+    "fit": {
+        "qjl default (fitted values)": QJLConfig(kv="qjl"),
+        "qjl, min/max values (format 6 as first built)": QJLConfig(kv="qjl", value_fit=False),
+    },
     # Key bits traded for value bits around the turbo default (fractional bits: qjl/turbo.py split_bits).
     "trades": {
         "turbo K2.75/V2.25": F4.replace(turbo_key_bits=2.75, turbo_value_bits=2.25, turbo_value_codebook="scalar"),

@@ -89,8 +89,9 @@ def test_wrappers_call_the_torch_op_when_the_kernels_are_not_ready(monkeypatch, 
     ref = K.TORCH_IMPL[case.op](*case.args)
     assert torch.equal(K.turbo_attention_cuda(*case.args), ref)
     v = torch.randn(1, 2, 4, 64)
-    for got, want in zip(K.int_quantize_cuda(v, 2, 64), int_quantize(v, 2, 64)):
-        assert torch.equal(got, want)
+    for fit in (False, True):
+        for got, want in zip(K.int_quantize_cuda(v, 2, 64, fit), int_quantize(v, 2, 64, fit)):
+            assert torch.equal(got, want)
 
 
 def test_a_failed_build_warns_once_and_uses_torch(monkeypatch):

@@ -90,6 +90,43 @@ def test_decode_of_a_constant_group_is_exact_up_to_fp16():
     assert (dec - v).abs().max() <= 1.2345 * 2.0 ** -11
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fitted_codes_halve_the_error_without_shrinking_the_group(bits):
+    """int_quantize(fit=True), the qjl mode's default (value_fit): less squared error than min/max codes, and each
+    group's decoded values keep their projection on the group's own centred values (no least-squares shrinkage)."""
+    B, H, T, D, group = 1, 2, 300, 64, 64
+    v = _values(B, H, T, D, seed=7 + bits)
+    plain, fitted = QuantValues(bits, group, D), QuantValues(bits, group, D, fit=True)
+    err_plain = (plain.decode(plain.encode(v)) - v).pow(2).sum()
+    dec = fitted.decode(fitted.encode(v))
+    err_fit = (dec - v).pow(2).sum()
+    assert err_fit < (0.75 if bits == 2 else 0.95) * err_plain, (err_fit, err_plain)
+    vc = v - v.mean(-1, keepdim=True)
+    proj = (vc * (dec - v.mean(-1, keepdim=True))).sum(-1) / vc.pow(2).sum(-1)
+    torch.testing.assert_close(proj, torch.ones_like(proj), atol=5e-3, rtol=0)  # fp16 scale and minimum
+    # the group's mean is kept too (the line passes through it), up to fp16 rounding
+    torch.testing.assert_close(dec.mean(-1), v.mean(-1), atol=5e-3 * v.abs().max().item(), rtol=0)
+
+
+def test_fitted_codes_use_every_level_and_keep_constant_groups():
+    v = _values(1, 1, 40, 32, seed=3)
+    v[0, 0, 5] = 0.75  # a constant group: no line to fit, decoded as it is
+    codec = QuantValues(2, 32, 32, fit=True)
+    state = codec.encode(v)
+    dec = codec.decode(state)
+    assert torch.isfinite(dec).all()
+    assert torch.equal(dec[0, 0, 5], torch.full((32,), 0.75))
+    codes = values_mod.unpack_codes(state["value_codes"], 2)
+    assert set(codes.unique().tolist()) == {0, 1, 2, 3}
+
+
+def test_value_fit_follows_the_config():
+    from qjl.config import QJLConfig
+
+    assert QuantValues.for_layer(QJLConfig(kv="qjl"), 0, 64).fit is True
+    assert QuantValues.for_layer(QJLConfig(kv="qjl", value_fit=False), 0, 64).fit is False
+
+
 # Token counts below, across and at twice the internal block of weighted_sum (whatever its size: it was 1024,
 # then 4096), so partial and whole blocks are both summed.
 _B = values_mod.VALUE_BLOCK
