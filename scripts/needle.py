@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--trials", type=int, default=1, help="documents (codes) per length and depth")
+    p.add_argument("--seed", type=int, default=0, help="of the codes (the bench's needles are seed 0)")
     p.add_argument("--modes", nargs="+", default=["exact", "qjl", "turbo"])
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
@@ -47,7 +48,7 @@ def main() -> int:
                   f"{'found' if row['found'] else 'MISSED'}: {row['answer'][:60]!r}", file=sys.stderr, flush=True)
 
     rows = needle(loaded, {m: QJLConfig(kv=m) for m in args.modes}, args.lengths, args.depths, args.trials,
-                  on_row=show)
+                  seed=args.seed, on_row=show)
     print(f"# {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     print("| mode | " + " | ".join(f"{n} tokens" for n in args.lengths) + " |")
     print("| --- " * (1 + len(args.lengths)) + "|")

@@ -126,6 +126,11 @@ PRESETS = {
         "qjl default (fitted values)": QJLConfig(kv="qjl"),
         "qjl, min/max values (format 6 as first built)": QJLConfig(kv="qjl", value_fit=False),
     },
+    # Issue 16: the 2.5-bit preset with twice the key channels apart, paid for by 2-bit values (vq4-256).
+    "preset25": {
+        "turbo-2.5 (K2 + 8 apart, V2.25)": QJLConfig(turbo_key_bits=2),
+        "K2 + 16 apart, V2 (vq4-256)": QJLConfig(turbo_key_bits=2, turbo_outlier_fraction=0.25, turbo_value_bits=2),
+    },
     # Key bits traded for value bits around the turbo default (fractional bits: qjl/turbo.py split_bits).
     "trades": {
         "turbo K2.75/V2.25": F4.replace(turbo_key_bits=2.75, turbo_value_bits=2.25, turbo_value_codebook="scalar"),
