@@ -238,7 +238,13 @@ class QJLConfig:
 
 
 # Turbo presets by bits per number: a preset's changes to the defaults. "3" is the default (2.9-3.1 bits everything
-# counted); "2.5" takes the keys to 2 bits (+ the channels kept apart): 2.56 bits at 4k, the bench's turbo-2.5.
-# Not a user option: with unbiased scales it measured x1.022-x1.048 per genre (BENCHMARKS.md "Unbiased scales"),
-# code still past the 3% a second preset needs.
-TURBO_PRESETS: dict[str, dict] = {"3": {}, "2.5": {"turbo_key_bits": 2}}
+# counted); "2.5", the bench's turbo-2.5: 2-bit keys with 16 channels of 64 kept apart (4-bit codes) instead of 8,
+# paid for in part by 2-bit values from the 256-point 4-D codebook: 2.63 bits at 4,352 tokens. Softmax amplifies key
+# error most at 2 bits, and the channels that carry q.k are where it pays to spend: against the first turbo-2.5
+# (8 apart, 2.25-bit values, 2.56 bits) KL -22% to -34% on every genre, ppl x1.022/1.014/1.042/1.022 (prose, docs,
+# code, numbers; BENCHMARKS.md "The 2.5-bit preset with 16 channels apart"). Not a user option: code is still past
+# the 3% a second preset needs.
+TURBO_PRESETS: dict[str, dict] = {
+    "3": {},
+    "2.5": {"turbo_key_bits": 2, "turbo_outlier_fraction": 0.25, "turbo_value_bits": 2},
+}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qjl.codecs import ATTENTION_OPS, make_codecs
-from qjl.config import QJLConfig
+from qjl.config import TURBO_PRESETS, QJLConfig
 
 CONFIGS = {
     "turbo default": QJLConfig(),
@@ -18,6 +18,7 @@ CONFIGS = {
     "turbo vq4 V2, fp16 norms": QJLConfig(turbo_key_codebook="scalar", turbo_value_bits=2, turbo_norm_bits=16),
     "turbo K2.5/V2.25 scalar": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25, turbo_value_codebook="scalar"),
     "turbo K4/V3": QJLConfig(turbo_key_bits=4, turbo_value_bits=3),
+    "turbo-2.5 preset (K2 + 16 apart, V2 vq4)": QJLConfig(**TURBO_PRESETS["2.5"]),
     "turbo K1/V1, no channels apart": QJLConfig(turbo_key_bits=1, turbo_value_bits=1, turbo_outlier_fraction=0.0),
     "turbo residual, 8-bit outliers": QJLConfig(turbo_residual_ratio=1.0, outlier_bits=8),
     "turbo fp16 outliers": QJLConfig(outlier_bits=16),

@@ -9,7 +9,7 @@ import torch
 
 from attention_inputs import exact_parts, layer_args
 from qjl import native
-from qjl.config import QJLConfig
+from qjl.config import TURBO_PRESETS, QJLConfig
 from qjl.ops import pack_codes, unpack_codes, vq_nearest
 from qjl.ops.attention import turbo_attention
 
@@ -23,6 +23,7 @@ SETTINGS = {
     "K2.5/V2.25 scalar, fp16 norms": QJLConfig(turbo_key_bits=2.5, turbo_value_bits=2.25,
                                                turbo_value_codebook="scalar", turbo_norm_bits=16),
     "K4/V3": QJLConfig(turbo_key_bits=4, turbo_value_bits=3),
+    "turbo-2.5 preset (K2 + 16 apart, V2 vq4)": QJLConfig(**TURBO_PRESETS["2.5"]),
     "K1/V1, no channels apart": QJLConfig(turbo_key_bits=1, turbo_value_bits=1, turbo_outlier_fraction=0.0),
     "8-bit channels apart": QJLConfig(outlier_bits=8),
 }

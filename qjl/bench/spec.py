@@ -49,7 +49,7 @@ class ModeSpec:
 _WINDOW = dict(q_group_size=64, residual_length=128)
 MODES: dict[str, ModeSpec] = {m.name: m for m in (
     ModeSpec("turbo", "qjl's default: rotation + Lloyd-Max codes, ~3 bits", kv="turbo"),
-    ModeSpec("turbo-2.5", "turbo at about 2.5 bits: 2-bit keys (+ 8 channels apart), 2.25-bit values (not in "
+    ModeSpec("turbo-2.5", "turbo at about 2.5 bits: 2-bit keys (+ 16 channels apart), 2-bit values (not in "
              "the default set)", kv="turbo", config=TURBO_PRESETS["2.5"], default=False),
     ModeSpec("qjl", "the paper's 1-bit QJL keys + 2-bit values", kv="qjl"),
     ModeSpec("exact", "transformers' ordinary cache, the model's dtype (the reference)", kv="exact"),
