@@ -2,8 +2,8 @@
 
 Each token's value vector is split into groups of `group` channels; each group keeps an fp16 scale and
 minimum and `bits`-bit codes packed into bytes (qjl/ops/codes.py); by default the scale and minimum are fitted
-to the codes rather than taken from the group's range (qjl::int_quantize's `fit`). The attention-weighted sum is computed
-from the codes (qjl/ops/attention.py int_value_sum), so a dequantised copy of the whole V never exists.
+to the codes rather than taken from the group's range (qjl::int_quantize's `fit`). The attention-weighted sum
+is computed from the codes (qjl/ops/attention.py int_value_sum), so a dequantised copy of V never exists.
 """
 
 from __future__ import annotations
