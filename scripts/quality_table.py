@@ -24,7 +24,10 @@ from qjl.bench.corpus import label_of, parse_texts, text_of
 from qjl.config import QJLConfig
 from qjl.models import load_model
 
-QJL = QJLConfig(kv="qjl", sink_tokens=0)  # the QJL mode as measured before sink tokens existed
+# The qjl mode's defaults before cache format 6's changes (2d sketch, 8 channels apart, min/max values), and as
+# measured before sink tokens existed
+QJL6 = QJLConfig(kv="qjl", sketch_ratio=2.0, outlier_fraction=1 / 8, value_fit=False)
+QJL = QJL6.replace(sink_tokens=0)
 PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
 TURBO0 = QJLConfig(kv="turbo", turbo_key_bits=3, turbo_value_bits=2, turbo_outlier_fraction=0.0, sink_tokens=0,
@@ -82,7 +85,7 @@ PRESETS = {
         "turbo default, K4": F4.replace(turbo_key_bits=4),
         "turbo K2 + 16 channels apart, V2": F4.replace(turbo_key_bits=2, turbo_outlier_fraction=0.25),
         "turbo as first built: K3/V2, buffer 64": TURBO0,
-        "qjl default: as the table's, + 4 sink tokens": QJLConfig(kv="qjl"),
+        "qjl default: as the table's, + 4 sink tokens": QJL6,
         "qjl, no sink": QJL,
         "paper: m=2d (4d in 2 early layers), 4 fp16 outliers/group, V 2-bit g32, buffer 128": PAPER,
     },
@@ -90,7 +93,7 @@ PRESETS = {
     # measured with format 4's default.
     "genres": {
         "turbo default (K3 + 8 apart, V2 vq4, 4 sinks)": F4,
-        "qjl default (+ 4 sinks)": QJLConfig(kv="qjl"),
+        "qjl default (+ 4 sinks)": QJL6,
         "turbo default, K4": F4.replace(turbo_key_bits=4),
         "turbo default, V4": F4.replace(turbo_value_bits=4),
         "turbo default, 64 sink tokens": F4.replace(sink_tokens=64),
@@ -104,7 +107,7 @@ PRESETS = {
         "format 4's default + 8-bit scales": F4.replace(turbo_norm_bits=8),
         "format 5's codes, fp16 scales": F5.replace(turbo_norm_bits=16),
         "turbo-2.5 (K2 + 8 apart, V2.25 vq4-512, 8-bit scales)": F5.replace(turbo_key_bits=2),
-        "qjl default (+ 4 sinks)": QJLConfig(kv="qjl"),
+        "qjl default (+ 4 sinks)": QJL6,
     },
     # Issue 16, cache format 6: per-layer bits, layer 1's values at 3 bits (scripts/genre_probe.py --layers).
     "layers": {
@@ -123,8 +126,15 @@ PRESETS = {
     },
     # Issue 16: the qjl mode's integer values with a fitted scale and minimum (value_fit).
     "fit": {
-        "qjl default (fitted values)": QJLConfig(kv="qjl"),
-        "qjl, min/max values (format 6 as first built)": QJLConfig(kv="qjl", value_fit=False),
+        "qjl, fitted values": QJL6.replace(value_fit=True),
+        "qjl, min/max values (format 6 as first built)": QJL6,
+    },
+    # Issue 16: the qjl mode's keys with 16 channels apart and an 11/8 d sketch, the same bits as 8 and 2d (better
+    # perplexity and KL on every genre, but 3/5 in tests/test_answers.py: not the default).
+    "qjlkeys": {
+        "qjl default (8 apart, m = 2d, fitted values)": QJLConfig(kv="qjl"),
+        "qjl, 16 apart, m = 1.375d": QJLConfig(kv="qjl", outlier_fraction=1 / 4, sketch_ratio=1.375),
+        "qjl, 16 apart, m = 1.5d (+0.06 bits)": QJLConfig(kv="qjl", outlier_fraction=1 / 4, sketch_ratio=1.5),
     },
     # Issue 16: the 2.5-bit preset with twice the key channels apart, paid for by 2-bit values (vq4-256).
     "preset25": {
