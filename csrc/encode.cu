@@ -180,16 +180,18 @@ __global__ void codes_kernel(const float* __restrict__ y, const CodeParams p) {
 // projection on itself (scale = |x - m|^2 / cov); codes kept, scale and minimum rounded to fp16 at the end.
 constexpr int kFitRounds = 6;  // qjl.ops.encode.FIT_ROUNDS
 
+// The nearest code of x on the line (lo, safe) among 0..levels (safe: a scale > 0).
+__device__ __forceinline__ float code_at(float x, float lo, float safe, int levels) {
+  return fminf(fmaxf(rintf((x - lo) / safe), 0.f), static_cast<float>(levels));
+}
+
 __device__ __forceinline__ void store_codes(const float* x, uint8_t* out, float lo, float sc, int group, int bits) {
   const int levels = (1 << bits) - 1, per = 8 / bits;
   const float safe = sc > 0.f ? sc : 1.f;
   for (int byte = 0; byte < group / per; ++byte) {
     uint32_t w = 0;
-    for (int k = 0; k < per; ++k) {
-      float c = rintf((x[byte * per + k] - lo) / safe);
-      c = fminf(fmaxf(c, 0.f), static_cast<float>(levels));
-      w |= static_cast<uint32_t>(c) << (k * bits);
-    }
+    for (int k = 0; k < per; ++k)
+      w |= static_cast<uint32_t>(code_at(x[byte * per + k], lo, safe, levels)) << (k * bits);
     out[byte] = static_cast<uint8_t>(w);
   }
 }
@@ -206,13 +208,13 @@ __device__ void fit_line(const float* x, int group, int levels, float lo, float 
     code_lo = lo;
     code_sc = sc;
     const float safe = sc > 0.f ? sc : 1.f;
-    float sum_c = 0.f;
-    for (int i = 0; i < group; ++i) sum_c += fminf(fmaxf(rintf((x[i] - lo) / safe), 0.f), static_cast<float>(levels));
+    float sum_c = 0.f;  // two passes over the codes (their mean first), as the torch op centres them
+    for (int i = 0; i < group; ++i) sum_c += code_at(x[i], lo, safe, levels);
     cm = sum_c / static_cast<float>(group);
     float var = 0.f;
     cov = 0.f;
     for (int i = 0; i < group; ++i) {
-      const float c = fminf(fmaxf(rintf((x[i] - lo) / safe), 0.f), static_cast<float>(levels)) - cm;
+      const float c = code_at(x[i], lo, safe, levels) - cm;
       var += c * c;
       cov += c * (x[i] - xm);
     }
