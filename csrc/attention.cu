@@ -42,6 +42,8 @@ struct Params {
   const float* qp;
   int qp_stride;
   const float* qconst;  // [B*H*rows]: <q, key_mean> (qjl), or nullptr
+  const float* qnorm2;  // [B*H*rows]: |q'|^2, q less its kept channels (qjl), or nullptr
+  float penalty;        // qjl: each sketch logit less penalty * (|q'|^2 |k_in|^2 - est^2)+ (0: none); turbo: 0
   // compressed keys
   int Tc;
   const uint8_t* kcodes;  // [B*H, Tc, kbytes]
@@ -261,10 +263,12 @@ __device__ void compressed_split(const Params& p, uint8_t* smem, int bh, int r0,
     stats[NR + tid] = 0.f;
     stats[2 * NR + tid] = 1.f;
   }
-  float qc[NR];
+  float qc[NR], qn[NR];
 #pragma unroll
-  for (int j = 0; j < NR; ++j)
+  for (int j = 0; j < NR; ++j) {
     qc[j] = (p.qconst != nullptr && j < nr) ? p.qconst[static_cast<int64_t>(bh) * p.rows + r0 + j] : 0.f;
+    qn[j] = (p.qnorm2 != nullptr && j < nr) ? p.qnorm2[static_cast<int64_t>(bh) * p.rows + r0 + j] : 0.f;
+  }
   __syncthreads();
 
   constexpr int U = (VK == VAL_TAB3 ? D / 8 : D / PER);  // value units a token: PER numbers each
@@ -382,8 +386,15 @@ __device__ void compressed_split(const Params& p, uint8_t* smem, int bh, int r0,
       }
       const float kn = knorm[i] * p.kscale;
 #pragma unroll
-      for (int j = 0; j < NR; ++j)
-        if (j < nr) logit[j * CTILE + i] = (fmaf(dot[j], kn, ex[j]) + qc[j]) * p.scaling;
+      for (int j = 0; j < NR; ++j) {
+        if (j >= nr) continue;
+        float est = dot[j] * kn;
+        if constexpr (KEY == KEY_SIGNS) {  // the softmax correction: half the sign estimate's variance
+          const float spread = qn[j] * knorm[i] * knorm[i] - est * est;
+          if (p.penalty > 0.f && spread > 0.f) est -= p.penalty * spread;
+        }
+        logit[j * CTILE + i] = (est + ex[j] + qc[j]) * p.scaling;
+      }
     }
     __syncthreads();
     softmax_tile(logit, CTILE, tile_n, nr, stats, VK == VAL_INT ? nullptr : vnorm);
@@ -602,15 +613,15 @@ __global__ void __launch_bounds__(THREADS) attn_kernel(const Params p) {
 
 // --- prep: rotate / sketch the query rows ------------------------------------------------------------
 // turbo: out row = [q_rest R^T (n) | q at the outlier channels (r)]; qjl: [(q, outlier channels zeroed) S^T (m) |
-// q at the outlier channels (r)] and qconst = <q, key_mean>. One block of THREADS per (b, h, row).
+// q at the outlier channels (r)], qconst = <q, key_mean> and qnorm2 = |q'|^2. One block of THREADS per (b, h, row).
 template <typename T, int KEY>
 __global__ void __launch_bounds__(THREADS) prep_kernel(const Params p, const float* mat, const int64_t* channels,
                                                        const int64_t* rest, const float* key_mean, float* qp,
-                                                       float* qconst) {
+                                                       float* qconst, float* qnorm2) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   float* qf = reinterpret_cast<float*>(smem_raw);  // [D]
   float* qv = qf + p.D;                            // [D]: what the matrix multiplies
-  __shared__ float red[THREADS / 32];
+  __shared__ float red[2 * (THREADS / 32)];
   const int row = blockIdx.x % p.rows, bh = blockIdx.x / p.rows;
   const int b = bh / p.H, h = bh % p.H;
   const int D = p.D, r = p.r, n = p.n;
@@ -648,17 +659,27 @@ __global__ void __launch_bounds__(THREADS) prep_kernel(const Params p, const flo
     for (int k = 0; k < kin; ++k) s = fmaf(m[k], qv[k], s);
     out[i] = s;
   }
-  if (KEY == KEY_SIGNS && qconst != nullptr) {
-    float s = 0.f;
-    if (key_mean != nullptr)
-      for (int d = threadIdx.x; d < D; d += blockDim.x) s += qf[d] * key_mean[static_cast<int64_t>(bh) * D + d];
+  if (KEY == KEY_SIGNS) {  // <q, key_mean> and |q'|^2 (q' = qv: the outlier channels zeroed), one reduction
+    float s = 0.f, s2 = 0.f;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      if (key_mean != nullptr) s += qf[d] * key_mean[static_cast<int64_t>(bh) * D + d];
+      s2 += qv[d] * qv[d];
+    }
     s = warp_sum(s);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+    s2 = warp_sum(s2);
+    if ((threadIdx.x & 31) == 0) {
+      red[threadIdx.x >> 5] = s;
+      red[THREADS / 32 + (threadIdx.x >> 5)] = s2;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
-      float t = 0.f;
-      for (int w = 0; w < THREADS / 32; ++w) t += red[w];
-      qconst[blockIdx.x] = t;
+      float t = 0.f, t2 = 0.f;
+      for (int w = 0; w < THREADS / 32; ++w) {
+        t += red[w];
+        t2 += red[THREADS / 32 + w];
+      }
+      if (qconst != nullptr) qconst[blockIdx.x] = t;
+      if (qnorm2 != nullptr) qnorm2[blockIdx.x] = t2;
     }
   }
 }
@@ -805,19 +826,22 @@ at::Tensor run(Params& p, const at::Tensor& q, int vkind, int per, const float* 
   const int nsplits = p.nsplit_c + p.nsplit_e;
   at::Tensor qp = at::empty({static_cast<int64_t>(p.B) * p.H * p.rows, p.qp_stride}, f32);
   at::Tensor qconst = KEY == KEY_SIGNS ? at::empty({static_cast<int64_t>(p.B) * p.H * p.rows}, f32) : at::Tensor();
+  at::Tensor qnorm2 = KEY == KEY_SIGNS ? at::empty({static_cast<int64_t>(p.B) * p.H * p.rows}, f32) : at::Tensor();
   at::Tensor ws_o = at::empty({static_cast<int64_t>(p.B) * p.H * nsplits * p.rows * p.D}, f32);
   at::Tensor ws_ml = at::empty({static_cast<int64_t>(p.B) * p.H * nsplits * p.rows * 2}, f32);
   at::Tensor out = at::empty({p.B, p.H * p.g, p.L, p.D}, q.options());
   p.qp = qp.data_ptr<float>();
   p.qconst = KEY == KEY_SIGNS ? qconst.data_ptr<float>() : nullptr;
+  p.qnorm2 = KEY == KEY_SIGNS ? qnorm2.data_ptr<float>() : nullptr;
   p.ws_o = ws_o.data_ptr<float>();
   p.ws_ml = ws_ml.data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();
   using CT = typename CudaType<T>::type;
   p.qtype = std::is_same<CT, float>::value ? 0 : std::is_same<CT, __half>::value ? 1 : 2;
   const int nrows = p.B * p.H * p.rows;
-  prep_kernel<CT, KEY><<<nrows, THREADS, 2 * p.D * sizeof(float), stream>>>(p, mat, channels, rest, key_mean,
-                                                                                 qp.data_ptr<float>(), p.qconst ? qconst.data_ptr<float>() : nullptr);
+  prep_kernel<CT, KEY><<<nrows, THREADS, 2 * p.D * sizeof(float), stream>>>(
+      p, mat, channels, rest, key_mean, qp.data_ptr<float>(), p.qconst ? qconst.data_ptr<float>() : nullptr,
+      p.qnorm2 ? qnorm2.data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // constexpr: each mode instantiates only its own value kinds (12 attention kernels, not 24)
   if constexpr (KEY == KEY_TURBO3) {
@@ -1015,7 +1039,7 @@ at::Tensor sketch_attention(const at::Tensor& q, const std::vector<at::Tensor>& 
                             const c10::optional<at::Tensor>& channels, const c10::optional<at::Tensor>& ovalues,
                             const c10::optional<at::Tensor>& oscales, const c10::optional<at::Tensor>& omins,
                             int64_t obits, int64_t G, const c10::optional<at::Tensor>& key_mean,
-                            const at::Tensor& value_codes, const at::Tensor& value_scales,
+                            double sketch_variance, const at::Tensor& value_codes, const at::Tensor& value_scales,
                             const at::Tensor& value_mins, int64_t value_bits, int64_t value_group, double scaling) {
   Params p{};
   check_u8(signs, "signs");
@@ -1031,6 +1055,8 @@ at::Tensor sketch_attention(const at::Tensor& q, const std::vector<at::Tensor>& 
   TORCH_CHECK(projection.dim() == 2 && projection.size(0) == p.n && projection.size(1) == p.D,
               "qjl kernels: projection must be [m, D]");
   p.kscale = static_cast<float>(sketch_scale);
+  p.penalty = static_cast<float>(0.5 * scaling * sketch_variance);
+  TORCH_CHECK(p.penalty >= 0.f, "qjl kernels: sketch_variance must be >= 0");
   p.centroids = nullptr;
   p.pair_book = false;
   fill_outliers(p, channels, ovalues, oscales, omins, obits, G);

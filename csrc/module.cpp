@@ -23,7 +23,7 @@ at::Tensor sketch_attention(const at::Tensor& q, const std::vector<at::Tensor>& 
                             const c10::optional<at::Tensor>& channels, const c10::optional<at::Tensor>& ovalues,
                             const c10::optional<at::Tensor>& oscales, const c10::optional<at::Tensor>& omins,
                             int64_t obits, int64_t G, const c10::optional<at::Tensor>& key_mean,
-                            const at::Tensor& value_codes, const at::Tensor& value_scales,
+                            double sketch_variance, const at::Tensor& value_codes, const at::Tensor& value_scales,
                             const at::Tensor& value_mins, int64_t value_bits, int64_t value_group, double scaling);
 at::Tensor sign_bits(const at::Tensor& x);
 std::tuple<std::vector<at::Tensor>, at::Tensor> encode_codes(const at::Tensor& y, const std::vector<int64_t>& bits,

@@ -30,6 +30,15 @@ class QJLConfig:
     # number and did not lower perplexity (BENCHMARKS.md), so the default gives none.
     early_sketch_factor: int = 2
     early_layers: int = 0
+    # Softmax over noisy logits favours the noisiest: E[exp(l + e)] = exp(l + var/2), so compressed tokens gain
+    # weight against the exact sink, window and question tokens, most where ||q'|| ||k_in|| is large. Each sketch
+    # logit is lowered by this multiple of var/2, var = (pi/2 - 1)/m * (||q'||^2 ||k_in||^2 - <q',k_in>^2) (the sign
+    # estimate's variance for orthogonal sketch rows; <q',k_in> is the estimate itself). No bits, no layout: decode
+    # only. 0.75 measured best of 0.75/1/1.25 on four genres at 4,352 tokens, x1.041/1.051/1.096/1.068 ->
+    # x1.027/1.047/1.080/1.059 (prose, docs, code, numbers); KL -10% to -23%. 0 turns it off. (turbo's code error
+    # is ~8x smaller: the same correction measured no gain there, so it is the qjl mode's only; BENCHMARKS.md
+    # "The softmax's noise bias".)
+    sketch_softmax_correction: float = 0.75
     # Outlier channels kept apart from the sketch, as a fraction of head_dim (8 of 64, 16 of 128): they carry
     # most of a key's norm, and the sketch's noise grows with the norm it has to cover.
     outlier_fraction: float = 1 / 8
@@ -139,6 +148,8 @@ class QJLConfig:
             raise ConfigError("group_size must be >= 1 and buffer >= 0")
         if self.sketch_ratio <= 0 or self.early_sketch_factor < 1 or self.early_layers < 0:
             raise ConfigError("sketch_ratio must be > 0, early_sketch_factor >= 1, early_layers >= 0")
+        if not 0 <= self.sketch_softmax_correction <= 4:
+            raise ConfigError(f"sketch_softmax_correction must be 0 to 4, not {self.sketch_softmax_correction}")
         if not 0 <= self.outlier_fraction < 1:
             raise ConfigError("outlier_fraction must be in [0, 1)")
         if self.outlier_scope not in ("group", "head"):

@@ -137,7 +137,7 @@ def check_turbo_attention(q, exact_k, exact_v, key_codes, key_bits, key_centroid
 
 def check_sketch_attention(q, exact_k, exact_v, signs, key_norms, projection, sketch_scale, channels, outlier_values,
                            outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean,
-                           value_codes, value_scales, value_mins, value_bits, value_group, scaling,
+                           sketch_variance, value_codes, value_scales, value_mins, value_bits, value_group, scaling,
                            device_type: str = "cuda") -> Optional[str]:
     """As check_turbo_attention, for the qjl mode's op."""
     _tensors_on(device_type, {"q": q, "signs": signs, "key_norms": key_norms, "projection": projection,

@@ -162,8 +162,8 @@ def sketch_case(D: int, H: int, g: int, L: int, Tc: int, Ne: int, dtype, device,
     ek, ev = _exact_parts_for(H, Ne, L, D, dtype, device, gen)
     full = (q, ek, ev, a["signs"], a["key_norms"], a["projection"], a["sketch_scale"], a["channels"],
             a["outlier_values"], a["outlier_scales"], a["outlier_mins"], a["outlier_index"], a["outlier_bits"],
-            a["group_size"], a["key_mean"], a["value_codes"], a["value_scales"], a["value_mins"], a["value_bits"],
-            a["value_group"], D ** -0.5)
+            a["group_size"], a["key_mean"], a["sketch_variance"], a["value_codes"], a["value_scales"],
+            a["value_mins"], a["value_bits"], a["value_group"], D ** -0.5)
     shape = f"D{D} H{H} g{g} L{L} T{Tc}+{Ne} V{value_bits}{' centred' if center else ''}"
     return Case("qjl::sketch_attention", shape, str(dtype).replace("torch.", ""), full, _rel_err,
                 ATTENTION_TOL[dtype])

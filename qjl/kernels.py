@@ -262,18 +262,18 @@ def turbo_attention_cuda(q, exact_k, exact_v, key_codes, key_bits, key_centroids
 
 
 def sketch_attention_cuda(q, exact_k, exact_v, signs, key_norms, projection, sketch_scale, channels, outlier_values,
-                          outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean, value_codes,
-                          value_scales, value_mins, value_bits, value_group, scaling):
+                          outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean,
+                          sketch_variance, value_codes, value_scales, value_mins, value_bits, value_group, scaling):
     args = (q, exact_k, exact_v, signs, key_norms, projection, sketch_scale, channels, outlier_values, outlier_scales,
-            outlier_mins, outlier_index, outlier_bits, group_size, key_mean, value_codes, value_scales, value_mins,
-            value_bits, value_group, scaling)
+            outlier_mins, outlier_index, outlier_bits, group_size, key_mean, sketch_variance, value_codes,
+            value_scales, value_mins, value_bits, value_group, scaling)
 
     def launch():
         return _module().sketch_attention(
             q, _exact_parts(q, exact_k), _exact_parts(q, exact_v), signs, key_norms,
             projection.float().contiguous(), float(sketch_scale), channels, outlier_values, outlier_scales,
-            outlier_mins, int(outlier_bits), int(group_size), key_mean, value_codes, value_scales, value_mins,
-            int(value_bits), int(value_group), float(scaling))
+            outlier_mins, int(outlier_bits), int(group_size), key_mean, float(sketch_variance), value_codes,
+            value_scales, value_mins, int(value_bits), int(value_group), float(scaling))
 
     return _dispatch("qjl::sketch_attention", args, check_sketch_attention, launch)
 

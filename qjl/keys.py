@@ -8,6 +8,8 @@ three parts: <q,k> = <q,mean> + <q,k_out> + c*||k_in||*<Sq, sign(S k_in)> (qjl/o
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,7 +28,8 @@ class QJLKeys(SharedMatrices):
     CHANNEL_INDICES = {"key_head_outliers": True, "key_outlier_index": False}
 
     def __init__(self, projection: Tensor, head_dim: int, outliers: int, group_size: int,
-                 center: bool, seed: int = 0, outlier_scope: str = "group", outlier_bits: int = 16):
+                 center: bool, seed: int = 0, outlier_scope: str = "group", outlier_bits: int = 16,
+                 softmax_correction: float = 0.0):
         self.projection = projection  # S: [m, D] float32
         self.seed = seed
         self.outlier_scope = outlier_scope
@@ -38,6 +41,9 @@ class QJLKeys(SharedMatrices):
         self.center = center
         self.sketch_dim = projection.shape[0]
         self.scale = sign_estimator_scale(self.sketch_dim, head_dim)
+        # The sign estimate's variance per unit of ||q'||^2 ||k_in||^2 - <q',k_in>^2 with orthogonal sketch rows,
+        # (pi/2 - 1)/m, times the softmax correction (QJLConfig.sketch_softmax_correction; 0: none).
+        self.variance = softmax_correction * (math.pi / 2 - 1) / self.sketch_dim
         self.mean: Tensor | None = None  # [B, H, D] float32, set by the first encode
 
     @classmethod
@@ -46,7 +52,8 @@ class QJLKeys(SharedMatrices):
         # One seed per layer class (early / late), as the paper: layers of a class share S.
         seed = config.matrix_seed("early_projection" if layer_idx < config.early_layers else "projection")
         return cls(jl_projection(m, head_dim, seed), head_dim, config.outliers(head_dim),
-                   config.group_size, config.center_keys, seed, config.outlier_scope, config.outlier_bits)
+                   config.group_size, config.center_keys, seed, config.outlier_scope, config.outlier_bits,
+                   config.sketch_softmax_correction)
 
     def to(self, device) -> "QJLKeys":
         """Move the per-layer parameters; layers of a class keep sharing one projection."""
@@ -100,15 +107,18 @@ class QJLKeys(SharedMatrices):
     def op_args(self, state: dict[str, Tensor]) -> dict:
         args = dict(signs=state["key_signs"], key_norms=state["key_norms"], projection=self.projection,
                     sketch_scale=self.scale, channels=self.head_outliers, key_mean=self.mean,
-                    outlier_index=state.get("key_outlier_index"))
+                    outlier_index=state.get("key_outlier_index"), sketch_variance=self.variance)
         if self.head_outliers is not None:
             return args | self.channels.op_args(state)
         return args | dict(outlier_values=state.get("key_outlier_values"), outlier_scales=None, outlier_mins=None,
                            outlier_bits=16, group_size=self.group_size)
 
     def scores(self, q: Tensor, state: dict[str, Tensor]) -> Tensor:
-        """q: [B, H, Q, D] (query heads of a KV head folded into Q) -> logits <q,k>: [B, H, Q, T], float32."""
-        return sketch_key_scores(q.float(), **self.op_args(state))
+        """q: [B, H, Q, D] (query heads of a KV head folded into Q) -> logits <q,k>: [B, H, Q, T], float32 (the
+        estimates themselves: the softmax correction is the attention op's)."""
+        args = self.op_args(state)
+        del args["sketch_variance"]
+        return sketch_key_scores(q.float(), **args)
 
     # --- reference and accounting -------------------------------------------------------
     def decode(self, state: dict[str, Tensor]) -> Tensor:

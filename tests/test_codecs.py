@@ -52,8 +52,9 @@ def test_specs_describe_what_encode_makes(label, head_dim, one_thread):
 @pytest.mark.parametrize("label", ["turbo default", "qjl default", "turbo K2.5/V2.25 scalar", "turbo vq4 V2, fp16 norms"])
 def test_fused_op_equals_scores_softmax_and_weighted_sum(label, one_thread):
     """The mode's attention op over codec states = softmax over [codec scores, exact logits] times [value sums,
-    exact values], for a decode step (L=1) against compressed tokens and an exact tail."""
-    config = CONFIGS[label]
+    exact values], for a decode step (L=1) against compressed tokens and an exact tail. (The qjl mode's softmax
+    correction is off here: tests/test_cache.py holds the op with it to a formula of its own.)"""
+    config = CONFIGS[label].replace(sketch_softmax_correction=0.0)
     B, H, g, D, T, n_e = 1, 2, 3, 64, 2 * config.group_size, 5
     keys, values = make_codecs(config, 0, D)
     gen = torch.Generator().manual_seed(7)

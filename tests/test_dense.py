@@ -19,6 +19,7 @@ SETTINGS = {
     "turbo residual sketch, no channels": QJLConfig(turbo_residual_ratio=1.0, turbo_outlier_fraction=0.0),
     "turbo fp16 channels apart": QJLConfig(outlier_bits=16),
     "qjl default": QJLConfig(kv="qjl"),
+    "qjl, no softmax correction": QJLConfig(kv="qjl", sketch_softmax_correction=0.0),
     "qjl outliers per group, centred": QJLConfig(kv="qjl", outlier_scope="group", outlier_bits=16, center_keys=True),
     "qjl 4-bit values, no outliers": QJLConfig(kv="qjl", value_bits=4, outlier_fraction=0.0),
 }
@@ -48,6 +49,17 @@ def test_the_dense_path_equals_scoring_from_the_codes(monkeypatch, label, D, H, 
     q, ek, ev, args = _inputs(config, D, H, g, L, groups, exact, seed=D + g + L)
     tables, got = _both(monkeypatch, OPS[config.kv], q, ek, ev, args, D ** -0.5)
     torch.testing.assert_close(got, tables, rtol=1e-4, atol=1e-5)
+
+
+def test_a_biased_chunk_in_blocks_of_rows_equals_one_block(monkeypatch):
+    """The qjl mode's softmax correction is a mask on the compressed part; a chunk whose mask would pass
+    BIAS_FLOATS goes in blocks of query rows, with the causal part aligned to each block's own rows."""
+    q, ek, ev, args = _inputs(QJLConfig(kv="qjl"), 64, 2, 3, 9, 2, (4, 9), seed=4)
+    tables, whole = _both(monkeypatch, sketch_attention, q, ek, ev, args, 0.125)
+    monkeypatch.setattr(dense, "BIAS_FLOATS", 2 * 6 * (64 + 4 + 9))  # 2 query rows a block: 5 blocks
+    blocks = sketch_attention._init_fn(q, ek, ev, scaling=0.125, **args)
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blocks, tables, rtol=1e-4, atol=1e-5)
 
 
 def test_a_chunk_over_nothing_compressed_is_causal_attention(monkeypatch):

@@ -359,7 +359,7 @@ def test_sketch_checks():
     c = K.sketch_case(64, 2, 2, 1, 64, 5, torch.float16, "cpu")
     assert K.check_sketch_attention(*c.args, device_type="cpu") is None
     a = list(c.args)
-    a[18] = 8  # value_bits
+    a[19] = 8  # value_bits
     assert K.check_sketch_attention(*a, device_type="cpu") == "8-bit values (kernels: 2, 4)"
     a = list(c.args)
     a[11] = torch.zeros(1, 2, 2, 8, dtype=torch.uint8)  # outlier_index: per-group outliers

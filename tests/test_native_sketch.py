@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler:
 
 SETTINGS = {
     "default": QJLConfig(kv="qjl"),
+    "no softmax correction": QJLConfig(kv="qjl", sketch_softmax_correction=0.0),
     "centred, 2-bit channels apart": QJLConfig(kv="qjl", center_keys=True, outlier_bits=2),
     "8-bit channels, 4-bit values": QJLConfig(kv="qjl", outlier_bits=8, value_bits=4, value_group=32),
     "fp16 channels per head, 8-bit values": QJLConfig(kv="qjl", outlier_bits=16, value_bits=8),

@@ -20,6 +20,7 @@ typedef struct {
     const half_t *knorms;            /* [B,H,T] */
     const float *proj;               /* [m,D] */
     float sketch_scale;
+    float penalty;                   /* > 0: each sketch logit less penalty * (|q'|^2 |k_in|^2 - est^2)+ */
     int r, scope;                    /* channels kept apart (0: none) and how (SCOPE_*) */
     const int64_t *channels;         /* [B,H,r]: per-head scopes */
     const uint8_t *ocodes;           /* SCOPE_HEAD_CODES: [B,H,NG*r,G*obits/8] */
@@ -35,8 +36,8 @@ typedef struct {
     float *out;                      /* [B,H,R,D] */
 } sketch_args;
 
-/* Per query row of head bh: its kept channels (qsel [R, r]), <q, mean> (qmean [R]), and the sign tables
- * tab [m/8][256][Rp]: entry (i, b, row) = sum_j (+1 if bit j of b else -1) (S q')_{8i+j}. */
+/* Per query row of head bh: its kept channels (qsel [R, r]), <q, mean> and |q'|^2 (qmean [R], qmean[R + row]),
+ * and the sign tables tab [m/8][256][Rp]: entry (i, b, row) = sum_j (+1 if bit j of b else -1) (S q')_{8i+j}. */
 static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *qsel, float *qmean) {
     const int R = a->R, D = a->D, m = a->m, r = a->r, Rp = padded_rows(R);
     const int per_head = a->scope == SCOPE_HEAD_CODES || a->scope == SCOPE_HEAD_FP16;
@@ -56,6 +57,9 @@ static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *
         float x = 0.f;
         for (int d = 0; a->kmean && d < D; d++) x += qv[d] * a->kmean[bh * D + d];
         qmean[row] = x;
+        float q2 = 0.f;
+        for (int d = 0; d < D; d++) q2 += qs[d] * qs[d];
+        qmean[R + row] = q2;
         for (int i = 0; i < m; i++) {
             const float *srow = a->proj + (int64_t)i * D;
             float acc = 0.f;
@@ -72,10 +76,11 @@ static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *
     free(qs);
 }
 
-/* The sign part of the scores, times c ||k_in||: logit[row * TOKEN_BLOCK + k] for the n tokens from t0. Four
- * tokens at a time, so four independent sums hide the latency of each add. lt: room for n x Rp floats. */
-static void sign_logits(const sketch_args *a, int64_t bh, const float *tab, int64_t t0, int n, float *lt,
-                        float *logit) {
+/* The sign part of the scores, times c ||k_in||: logit[row * TOKEN_BLOCK + k] for the n tokens from t0, less
+ * the penalty (q2[row] = |q'|^2). Four tokens at a time, so four independent sums hide the latency of each add.
+ * lt: room for n x Rp floats. */
+static void sign_logits(const sketch_args *a, int64_t bh, const float *tab, const float *q2, int64_t t0, int n,
+                        float *lt, float *logit) {
     const int nb = a->m / 8, Rp = padded_rows(a->R);
     const uint8_t *sg = a->signs + (bh * a->T + t0) * nb;
     for (int c = 0; c < Rp; c += 8) {
@@ -103,8 +108,11 @@ static void sign_logits(const sketch_args *a, int64_t bh, const float *tab, int6
         }
     }
     for (int k = 0; k < n; k++) {
-        const float sn = a->sketch_scale * h2f(a->knorms[bh * a->T + t0 + k]);
-        for (int row = 0; row < a->R; row++) logit[row * TOKEN_BLOCK + k] = lt[(int64_t)k * Rp + row] * sn;
+        const float kn = h2f(a->knorms[bh * a->T + t0 + k]), sn = a->sketch_scale * kn;
+        for (int row = 0; row < a->R; row++) {
+            const float est = lt[(int64_t)k * Rp + row] * sn, spread = q2[row] * kn * kn - est * est;
+            logit[row * TOKEN_BLOCK + k] = spread > 0.f ? est - a->penalty * spread : est;
+        }
     }
 }
 
@@ -175,7 +183,7 @@ static void sketch_block(const sketch_args *a, int64_t bh, const float *tab, con
     float *logit = malloc(sizeof(float) * R * TB), *lt = malloc(sizeof(float) * TB * padded_rows(R));
     float *vdec = malloc(sizeof(float) * TB * D), *vs = malloc(sizeof(float) * TB * ng * 2), *vz = vs + TB * ng;
     float *code = malloc(sizeof(float) * TB * (a->r ? a->r : 1));
-    sign_logits(a, bh, tab, t0, n, lt, logit);
+    sign_logits(a, bh, tab, qmean + R, t0, n, lt, logit);
     if (a->scope == SCOPE_HEAD_CODES) {
         const outlier_rows o = {a->ocodes, a->oscales, a->omins, a->r, a->obits, a->G, a->T};
         outlier_codes(&o, bh, t0, n, code);
@@ -229,7 +237,7 @@ int qjl_sketch_attention(const sketch_args *a, int threads) {
     const int64_t tab_size = (int64_t)a->m / 8 * 256 * Rp, W = D + D / a->vgroup;
     const int nblocks = (int)((a->T + TOKEN_BLOCK - 1) / TOKEN_BLOCK), per = 8 / a->vbits;
     float *tabs = malloc(sizeof(float) * heads * tab_size), *qsel = malloc(sizeof(float) * heads * R * r);
-    float *qmean = malloc(sizeof(float) * heads * R), *lut = malloc(sizeof(float) * 256 * per);
+    float *qmean = malloc(sizeof(float) * heads * R * 2), *lut = malloc(sizeof(float) * 256 * per);
     float *m = malloc(sizeof(float) * heads * nblocks * R), *s = malloc(sizeof(float) * heads * nblocks * R);
     float *acc = malloc(sizeof(float) * heads * nblocks * R * W);
     int status = 0;
@@ -243,12 +251,12 @@ int qjl_sketch_attention(const sketch_args *a, int threads) {
     {
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < heads; bh++)
-            sketch_prepare(a, bh, tabs + bh * tab_size, qsel + bh * R * r, qmean + bh * R);
+            sketch_prepare(a, bh, tabs + bh * tab_size, qsel + bh * R * r, qmean + bh * R * 2);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < heads * nblocks; task++) {
             const int64_t bh = task / nblocks, t0 = task % nblocks * TOKEN_BLOCK;
             const int n = (int)(t0 + TOKEN_BLOCK < a->T ? TOKEN_BLOCK : a->T - t0);
-            sketch_block(a, bh, tabs + bh * tab_size, qsel + bh * R * r, qmean + bh * R, lut, t0, n, m + task * R,
+            sketch_block(a, bh, tabs + bh * tab_size, qsel + bh * R * r, qmean + bh * R * 2, lut, t0, n, m + task * R,
                          s + task * R, acc + task * R * W);
         }
 #pragma omp for schedule(static)

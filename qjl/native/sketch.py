@@ -29,7 +29,7 @@ class SketchArgs(ctypes.Structure):
 
     _fields_ = [(n, I) for n in ("B", "H", "R", "L", "D", "T", "Ne", "m")] + [
         ("q", P), ("ke", P), ("ve", P), ("signs", P), ("knorms", P), ("proj", P), ("sketch_scale", ctypes.c_float),
-        ("r", I), ("scope", I), ("channels", P), ("ocodes", P), ("oscales", P), ("omins", P), ("obits", I),
+        ("penalty", ctypes.c_float), ("r", I), ("scope", I), ("channels", P), ("ocodes", P), ("oscales", P), ("omins", P), ("obits", I),
         ("G", I), ("ovalues", P), ("oindex", P), ("kmean", P), ("vcodes", P), ("vscales", P), ("vmins", P),
         ("vbits", I), ("vgroup", I), ("scaling", ctypes.c_float), ("out", P)]
 
@@ -74,7 +74,7 @@ def _fill(a: SketchArgs, c, channels, outlier_values, outlier_scales, outlier_mi
 
 def sketch_attention_cpu(q, exact_k, exact_v, signs, key_norms, projection, sketch_scale, channels, outlier_values,
                          outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean,
-                         value_codes, value_scales, value_mins, value_bits, value_group, scaling):
+                         sketch_variance, value_codes, value_scales, value_mins, value_bits, value_group, scaling):
     from . import library
 
     lib = library()
@@ -83,14 +83,15 @@ def sketch_attention_cpu(q, exact_k, exact_v, signs, key_norms, projection, sket
                                   value_group, scope):
         return attention_ops.sketch_attention._init_fn(
             q, exact_k, exact_v, signs, key_norms, projection, sketch_scale, channels, outlier_values,
-            outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean, value_codes,
-            value_scales, value_mins, value_bits, value_group, scaling)
+            outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean, sketch_variance,
+            value_codes, value_scales, value_mins, value_bits, value_group, scaling)
     B, Hq, L, D = q.shape
     H = exact_k[0].shape[1]
     c = Pointers()  # every tensor handed to C stays referenced until the call returns
 
     a = SketchArgs(B=B, H=H, R=Hq // H * L, L=L, D=D, T=signs.shape[2], Ne=sum(t.shape[2] for t in exact_k),
-                   m=projection.shape[0], sketch_scale=float(sketch_scale), scope=scope, G=group_size,
+                   m=projection.shape[0], sketch_scale=float(sketch_scale),
+                   penalty=0.5 * float(scaling) * float(sketch_variance), scope=scope, G=group_size,
                    vbits=value_bits, vgroup=value_group, scaling=float(scaling))
     a.q = c(q.reshape(B, H, a.R, D), torch.float32)
     a.ke, a.ve = c(attention_ops._exact(exact_k)), c(attention_ops._exact(exact_v))

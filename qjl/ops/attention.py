@@ -188,14 +188,17 @@ def turbo_attention(q: Tensor, exact_k: list[Tensor], exact_v: list[Tensor], key
 def sketch_key_scores(q: Tensor, signs: Tensor, key_norms: Tensor, projection: Tensor, sketch_scale: float,
                       channels: Optional[Tensor], outlier_values: Optional[Tensor], outlier_scales: Optional[Tensor],
                       outlier_mins: Optional[Tensor], outlier_index: Optional[Tensor], outlier_bits: int,
-                      group_size: int, key_mean: Optional[Tensor]) -> Tensor:
+                      group_size: int, key_mean: Optional[Tensor], penalty: float = 0.0) -> Tensor:
     """<q,k> = <q,mean> + <q,k_out> + c*||k_in||*<Sq, sign(S k_in)>: q [B, H, Q, D] float32 -> [B, H, Q, T].
 
     Outliers per head (`channels` [B, H, r]; the query's own outlier channels are left out of the sketch's
-    estimate) or per token group (`outlier_index` [B, H, NG, r], fp16 `outlier_values` [B, H, T, r])."""
+    estimate) or per token group (`outlier_index` [B, H, NG, r], fp16 `outlier_values` [B, H, T, r]).
+    penalty > 0: the sketch part less penalty * (||q'||^2 ||k_in||^2 - est^2)+ (sketch_penalty)."""
     B, H, Q, D = q.shape
-    q_sketch = q if channels is None else q.scatter(3, channels.unsqueeze(2).expand(B, H, Q, -1), 0.0)
+    q_sketch = _without(q, channels)
     logits = sign_scores(q_sketch, signs, key_norms, projection, sketch_scale)
+    if penalty:
+        logits = logits - sketch_penalty(q_sketch, logits, key_norms, penalty)
     if channels is not None:
         logits = logits + outlier_scores(_pick(q, channels), outlier_values, outlier_scales, outlier_mins,
                                          outlier_bits, group_size)
@@ -208,6 +211,22 @@ def sketch_key_scores(q: Tensor, signs: Tensor, key_norms: Tensor, projection: T
     if key_mean is not None:
         logits = logits + q @ key_mean.unsqueeze(-1)  # [B, H, Q, 1]
     return logits
+
+
+def _without(q: Tensor, channels: Optional[Tensor]) -> Tensor:
+    """q [B, H, Q, D] with the channels kept apart ([B, H, r]) zeroed: what the sketch's estimate sees."""
+    return q if channels is None else q.scatter(3, channels.unsqueeze(2).expand(*q.shape[:3], -1), 0.0)
+
+
+def sketch_penalty(q_sketch: Tensor, est: Tensor, key_norms: Tensor, penalty: float) -> Tensor:
+    """penalty * (||q'||^2 ||k_in||^2 - est^2)+: [B, H, Q, T], est the sign estimate of <q', k_in> [B, H, Q, T].
+
+    With penalty = scaling * sketch_variance / 2 (sketch_attention), this is half the variance of each scaled
+    logit: softmax over noisy logits weights a token by exp(l + var/2) on average
+    (QJLConfig.sketch_softmax_correction)."""
+    n2 = key_norms.float().square().unsqueeze(2)  # [B, H, 1, T]
+    q2 = q_sketch.square().sum(-1, keepdim=True)  # [B, H, Q, 1]
+    return (q2 * n2 - est.square()).clamp_min(0.0) * penalty
 
 
 def int_value_sum(w: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, bits: int, group: int) -> Tensor:
@@ -232,18 +251,30 @@ def sketch_attention(q: Tensor, exact_k: list[Tensor], exact_v: list[Tensor], si
                      projection: Tensor, sketch_scale: float, channels: Optional[Tensor],
                      outlier_values: Optional[Tensor], outlier_scales: Optional[Tensor],
                      outlier_mins: Optional[Tensor], outlier_index: Optional[Tensor], outlier_bits: int,
-                     group_size: int, key_mean: Optional[Tensor], value_codes: Tensor, value_scales: Tensor,
-                     value_mins: Tensor, value_bits: int, value_group: int, scaling: float) -> Tensor:
-    """--kv qjl attention for q [B, Hq, L, D]; layouts in docs/ARCHITECTURE.md."""
+                     group_size: int, key_mean: Optional[Tensor], sketch_variance: float, value_codes: Tensor,
+                     value_scales: Tensor, value_mins: Tensor, value_bits: int, value_group: int,
+                     scaling: float) -> Tensor:
+    """--kv qjl attention for q [B, Hq, L, D]; layouts in docs/ARCHITECTURE.md. sketch_variance: the sign
+    estimate's variance per unit of ||q'||^2 ||k_in||^2 - <q',k_in>^2, times the correction (0: none); each
+    compressed logit is lowered by half its variance (sketch_penalty)."""
+    penalty = 0.5 * scaling * sketch_variance
     if q.shape[2] >= dense.MIN_ROWS:  # a long chunk: decoded keys and values, one SDPA (qjl/ops/dense.py)
-        k = dense.sketch_keys(signs, key_norms, projection, sketch_scale, channels, outlier_values, outlier_scales,
-                              outlier_mins, outlier_index, outlier_bits, group_size, key_mean)
+        k, k_in = dense.sketch_keys(signs, key_norms, projection, sketch_scale, channels, outlier_values,
+                                    outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean)
         v = dense.int_values(value_codes, value_scales, value_mins, value_bits, value_group)
-        return dense.sdpa_chunk(q, [k, *exact_k], [v, *exact_v], scaling)
+        if not penalty:
+            return dense.sdpa_chunk(q, [k, *exact_k], [v, *exact_v], scaling)
+
+        def bias(qf):  # the penalty of query rows qf [B, H, n, D] (folded as in attend): scaled, negated
+            q_sketch = _without(qf, channels)
+            return -scaling * sketch_penalty(q_sketch, q_sketch @ k_in.transpose(2, 3), key_norms, penalty)
+
+        return dense.sdpa_chunk(q, [k, *exact_k], [v, *exact_v], scaling, bias)
 
     def keys(qf):
         return sketch_key_scores(qf, signs, key_norms, projection, sketch_scale, channels, outlier_values,
-                                 outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean)
+                                 outlier_scales, outlier_mins, outlier_index, outlier_bits, group_size, key_mean,
+                                 penalty)
 
     def values(w):
         return int_value_sum(w, value_codes, value_scales, value_mins, value_bits, value_group)

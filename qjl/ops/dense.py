@@ -13,7 +13,7 @@ more bytes than the exact cache holds. docs/ARCHITECTURE.md, "The ops".
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,21 @@ from .codes import pair_index, unpack_codes
 MIN_ROWS = 64
 
 
-def sdpa_chunk(q: Tensor, keys: list[Tensor], values: list[Tensor], scaling: float) -> Tensor:
+# Floats of the additive mask a biased chunk builds at once (query rows x heads x keys): 256 MiB.
+BIAS_FLOATS = 1 << 26
+
+
+def sdpa_chunk(q: Tensor, keys: list[Tensor], values: list[Tensor], scaling: float,
+               bias: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """q [B, Hq, L, D] over keys/values [B, H, n, D] given in token order, the last L being the queries' own:
-    query i sees every key up to its own position. Computed in q's dtype; GQA by head groups."""
+    query i sees every key up to its own position. Computed in q's dtype; GQA by head groups.
+
+    bias(rows [B, H, g*l, D] float32, the query heads of a KV head folded as in qjl.ops.attention.attend) ->
+    [B, H, g*l, n0]: added to the scaled scores of the first part, keys[0] (the compressed tokens); the queries
+    then go in blocks of rows so the mask stays under BIAS_FLOATS."""
     dtype = q.dtype
+    if bias is not None and keys[0].shape[2]:
+        return _biased_chunk(q, keys, values, scaling, bias)
     keys, values = [t for t in keys if t.shape[2]], [t for t in values if t.shape[2]]  # nothing compressed yet
     k = torch.cat([t.to(dtype) for t in keys], dim=2) if len(keys) > 1 else keys[0].to(dtype)
     v = torch.cat([t.to(dtype) for t in values], dim=2) if len(values) > 1 else values[0].to(dtype)
@@ -39,6 +50,30 @@ def sdpa_chunk(q: Tensor, keys: list[Tensor], values: list[Tensor], scaling: flo
     if g > 1:  # the lower-right causal bias has no GQA path: one layer's K/V repeated, transiently
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, N), scale=scaling)
+
+
+def _biased_chunk(q: Tensor, keys: list[Tensor], values: list[Tensor], scaling: float,
+                  bias: Callable[[Tensor], Tensor]) -> Tensor:
+    """sdpa_chunk with a bias on keys[0]: an explicit float mask (bias, then the causal part), by row blocks."""
+    B, Hq, L, D = q.shape
+    dtype = q.dtype
+    k = torch.cat([t.to(dtype) for t in keys if t.shape[2]], dim=2)
+    v = torch.cat([t.to(dtype) for t in values if t.shape[2]], dim=2)
+    H, n0, N = k.shape[1], keys[0].shape[2], k.shape[2]
+    g = Hq // H
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    rows = max(1, BIAS_FLOATS // (B * Hq * N))
+    out = []
+    for a in range(0, L, rows):
+        qb = q[:, :, a:a + rows]
+        n = qb.shape[2]
+        mask = torch.zeros(B, Hq, n, N, device=q.device)
+        mask[..., :n0] = bias(qb.float().reshape(B, H, g * n, D)).reshape(B, Hq, n, n0)
+        seen = torch.arange(N, device=q.device) <= (N - L + a) + torch.arange(n, device=q.device).unsqueeze(1)
+        mask.masked_fill_(~seen, float("-inf"))
+        out.append(F.scaled_dot_product_attention(qb, k, v, attn_mask=mask.to(dtype), scale=scaling))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
 def signs_dense(signs: Tensor, projection: Tensor) -> Tensor:
@@ -105,9 +140,12 @@ def turbo_values(value_codes: list[Tensor], value_bits: list[int], value_tables:
 def sketch_keys(signs: Tensor, key_norms: Tensor, projection: Tensor, sketch_scale: float,
                 channels: Optional[Tensor], outlier_values: Optional[Tensor], outlier_scales: Optional[Tensor],
                 outlier_mins: Optional[Tensor], outlier_index: Optional[Tensor], outlier_bits: int, group_size: int,
-                key_mean: Optional[Tensor]) -> Tensor:
-    """The keys whose inner products qjl.ops.attention.sketch_key_scores computes: [B, H, T, D] float32."""
-    k = signs_dense(signs, projection) * (sketch_scale * key_norms.float().unsqueeze(-1))
+                key_mean: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The keys whose inner products qjl.ops.attention.sketch_key_scores computes, and their sketch part alone
+    (c ||k_in|| sign(S k_in)ᵀ S, whose product with the query less its kept channels is the sign estimate): both
+    [B, H, T, D] float32."""
+    k_in = signs_dense(signs, projection) * (sketch_scale * key_norms.float().unsqueeze(-1))
+    k = k_in
     B, H, T, D = k.shape
     if channels is not None:  # the query's outlier channels are left out of the sketch's estimate
         apart = outliers_dense(outlier_values, outlier_scales, outlier_mins, outlier_bits, group_size,
@@ -121,7 +159,7 @@ def sketch_keys(signs: Tensor, key_norms: Tensor, projection: Tensor, sketch_sca
         k = k.view(B, H, NG, G, D).scatter_add(4, idx.unsqueeze(3).expand(B, H, NG, G, r), vals).view(B, H, T, D)
     if key_mean is not None:
         k = k + key_mean.float().unsqueeze(2)
-    return k
+    return k, k_in
 
 
 def int_values(codes: Tensor, scales: Tensor, mins: Tensor, bits: int, group: int) -> Tensor:
