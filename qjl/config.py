@@ -34,9 +34,9 @@ class QJLConfig:
     # weight against the exact sink, window and question tokens, most where ||q'|| ||k_in|| is large. Each sketch
     # logit is lowered by this multiple of var/2, var = (pi/2 - 1)/m * (||q'||^2 ||k_in||^2 - <q',k_in>^2) (the sign
     # estimate's variance for orthogonal sketch rows; <q',k_in> is the estimate itself). No bits, no layout: decode
-    # only. 0.75 measured best of 0.75/1/1.25 on four genres at 4,352 tokens, x1.041/1.051/1.096/1.068 ->
-    # x1.027/1.047/1.080/1.059 (prose, docs, code, numbers); KL -10% to -23%. 0 turns it off. (turbo's code error
-    # is ~8x smaller: the same correction measured no gain there, so it is the qjl mode's only; BENCHMARKS.md
+    # only. 0.75 measured best of 0.75/1/1.25 on four genres; at 4,352 tokens ppl x1.039/1.051/1.090/1.065 ->
+    # x1.028/1.047/1.081/1.057 (prose, docs, code, numbers), KL -10% to -22%. 0 turns it off. (turbo's 3-bit code
+    # error is ~8x smaller: the same correction measured no gain there, so it is the qjl mode's only; BENCHMARKS.md
     # "The softmax's noise bias".)
     sketch_softmax_correction: float = 0.75
     # Outlier channels kept apart from the sketch, as a fraction of head_dim (8 of 64, 16 of 128): they carry

@@ -29,7 +29,10 @@ def main() -> int:
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--trials", type=int, default=1, help="documents (codes) per length and depth")
     p.add_argument("--seed", type=int, default=0, help="of the codes (the bench's needles are seed 0)")
-    p.add_argument("--modes", nargs="+", default=["exact", "qjl", "turbo"])
+    p.add_argument("--modes", nargs="*", default=["exact", "qjl", "turbo"])
+    p.add_argument("--config", nargs=2, action="append", default=[], metavar=("LABEL", "JSON"),
+                   help="another setting: a label and QJLConfig fields as JSON, e.g. "
+                        "qjl0 '{\"kv\": \"qjl\", \"sketch_softmax_correction\": 0}' (repeatable)")
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--json", default=None, help="write every trial to this file")
@@ -47,12 +50,13 @@ def main() -> int:
             print(f"  {row['config']:6s} {row['length']:6d} depth {row['depth']:.2f} code {row['code']} "
                   f"{'found' if row['found'] else 'MISSED'}: {row['answer'][:60]!r}", file=sys.stderr, flush=True)
 
-    rows = needle(loaded, {m: QJLConfig(kv=m) for m in args.modes}, args.lengths, args.depths, args.trials,
-                  seed=args.seed, on_row=show)
+    configs = {m: QJLConfig(kv=m) for m in args.modes}
+    configs.update({label: QJLConfig.from_dict(json.loads(fields)) for label, fields in args.config})
+    rows = needle(loaded, configs, args.lengths, args.depths, args.trials, seed=args.seed, on_row=show)
     print(f"# {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     print("| mode | " + " | ".join(f"{n} tokens" for n in args.lengths) + " |")
     print("| --- " * (1 + len(args.lengths)) + "|")
-    for m in args.modes:
+    for m in configs:
         cells = []
         for n in args.lengths:
             got = [r["found"] for r in rows if r["config"] == m and r["length"] == n]
