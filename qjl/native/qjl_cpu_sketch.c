@@ -36,9 +36,9 @@ typedef struct {
     float *out;                      /* [B,H,R,D] */
 } sketch_args;
 
-/* Per query row of head bh: its kept channels (qsel [R, r]), <q, mean> and |q'|^2 (qmean [R], qmean[R + row]),
- * and the sign tables tab [m/8][256][Rp]: entry (i, b, row) = sum_j (+1 if bit j of b else -1) (S q')_{8i+j}. */
-static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *qsel, float *qmean) {
+/* Per query row of head bh: its kept channels (qsel [R, r]), <q, mean> (qmean [R]), |q'|^2 (qn2 [R]), and the sign
+ * tables tab [m/8][256][Rp]: entry (i, b, row) = sum_j (+1 if bit j of b else -1) (S q')_{8i+j}. */
+static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *qsel, float *qmean, float *qn2) {
     const int R = a->R, D = a->D, m = a->m, r = a->r, Rp = padded_rows(R);
     const int per_head = a->scope == SCOPE_HEAD_CODES || a->scope == SCOPE_HEAD_FP16;
     float *qs = malloc(sizeof(float) * (D + m)), *p = qs + D;
@@ -59,7 +59,7 @@ static void sketch_prepare(const sketch_args *a, int64_t bh, float *tab, float *
         qmean[row] = x;
         float q2 = 0.f;
         for (int d = 0; d < D; d++) q2 += qs[d] * qs[d];
-        qmean[R + row] = q2;
+        qn2[row] = q2;
         for (int i = 0; i < m; i++) {
             const float *srow = a->proj + (int64_t)i * D;
             float acc = 0.f;
@@ -178,12 +178,12 @@ static void weighted_codes64(const float *w, const float *s, const float *z, int
 /* One block of compressed tokens of one KV head: (max, sum, acc [D + ng]) per row; acc holds
  * sum_k w_k s_kg code_kd in its first D numbers and sum_k w_k z_kg in the last ng. */
 static void sketch_block(const sketch_args *a, int64_t bh, const float *tab, const float *qsel, const float *qmean,
-                         const float *lut, int64_t t0, int n, float *m, float *s, float *acc) {
+                         const float *qn2, const float *lut, int64_t t0, int n, float *m, float *s, float *acc) {
     const int R = a->R, D = a->D, ng = D / a->vgroup, W = D + ng, TB = TOKEN_BLOCK, vg = a->vgroup;
     float *logit = malloc(sizeof(float) * R * TB), *lt = malloc(sizeof(float) * TB * padded_rows(R));
     float *vdec = malloc(sizeof(float) * TB * D), *vs = malloc(sizeof(float) * TB * ng * 2), *vz = vs + TB * ng;
     float *code = malloc(sizeof(float) * TB * (a->r ? a->r : 1));
-    sign_logits(a, bh, tab, qmean + R, t0, n, lt, logit);
+    sign_logits(a, bh, tab, qn2, t0, n, lt, logit);
     if (a->scope == SCOPE_HEAD_CODES) {
         const outlier_rows o = {a->ocodes, a->oscales, a->omins, a->r, a->obits, a->G, a->T};
         outlier_codes(&o, bh, t0, n, code);
@@ -237,11 +237,12 @@ int qjl_sketch_attention(const sketch_args *a, int threads) {
     const int64_t tab_size = (int64_t)a->m / 8 * 256 * Rp, W = D + D / a->vgroup;
     const int nblocks = (int)((a->T + TOKEN_BLOCK - 1) / TOKEN_BLOCK), per = 8 / a->vbits;
     float *tabs = malloc(sizeof(float) * heads * tab_size), *qsel = malloc(sizeof(float) * heads * R * r);
-    float *qmean = malloc(sizeof(float) * heads * R * 2), *lut = malloc(sizeof(float) * 256 * per);
+    float *qmean = malloc(sizeof(float) * heads * R), *qn2 = malloc(sizeof(float) * heads * R);
+    float *lut = malloc(sizeof(float) * 256 * per);
     float *m = malloc(sizeof(float) * heads * nblocks * R), *s = malloc(sizeof(float) * heads * nblocks * R);
     float *acc = malloc(sizeof(float) * heads * nblocks * R * W);
     int status = 0;
-    if (!tabs || !qsel || !qmean || !lut || !m || !s || !acc) {
+    if (!tabs || !qsel || !qmean || !qn2 || !lut || !m || !s || !acc) {
         status = 2;
         goto done;
     }
@@ -251,19 +252,19 @@ int qjl_sketch_attention(const sketch_args *a, int threads) {
     {
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < heads; bh++)
-            sketch_prepare(a, bh, tabs + bh * tab_size, qsel + bh * R * r, qmean + bh * R * 2);
+            sketch_prepare(a, bh, tabs + bh * tab_size, qsel + bh * R * r, qmean + bh * R, qn2 + bh * R);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < heads * nblocks; task++) {
             const int64_t bh = task / nblocks, t0 = task % nblocks * TOKEN_BLOCK;
             const int n = (int)(t0 + TOKEN_BLOCK < a->T ? TOKEN_BLOCK : a->T - t0);
-            sketch_block(a, bh, tabs + bh * tab_size, qsel + bh * R * r, qmean + bh * R * 2, lut, t0, n, m + task * R,
-                         s + task * R, acc + task * R * W);
+            sketch_block(a, bh, tabs + bh * tab_size, qsel + bh * R * r, qmean + bh * R, qn2 + bh * R, lut, t0, n,
+                         m + task * R, s + task * R, acc + task * R * W);
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < heads; bh++)
             sketch_finish(a, bh, nblocks, m + bh * nblocks * R, s + bh * nblocks * R, acc + bh * nblocks * R * W);
     }
 done:
-    free(tabs); free(qsel); free(qmean); free(lut); free(m); free(s); free(acc);
+    free(tabs); free(qsel); free(qmean); free(qn2); free(lut); free(m); free(s); free(acc);
     return status;
 }

@@ -29,9 +29,9 @@ class SketchArgs(ctypes.Structure):
 
     _fields_ = [(n, I) for n in ("B", "H", "R", "L", "D", "T", "Ne", "m")] + [
         ("q", P), ("ke", P), ("ve", P), ("signs", P), ("knorms", P), ("proj", P), ("sketch_scale", ctypes.c_float),
-        ("penalty", ctypes.c_float), ("r", I), ("scope", I), ("channels", P), ("ocodes", P), ("oscales", P), ("omins", P), ("obits", I),
-        ("G", I), ("ovalues", P), ("oindex", P), ("kmean", P), ("vcodes", P), ("vscales", P), ("vmins", P),
-        ("vbits", I), ("vgroup", I), ("scaling", ctypes.c_float), ("out", P)]
+        ("penalty", ctypes.c_float), ("r", I), ("scope", I), ("channels", P), ("ocodes", P), ("oscales", P),
+        ("omins", P), ("obits", I), ("G", I), ("ovalues", P), ("oindex", P), ("kmean", P), ("vcodes", P),
+        ("vscales", P), ("vmins", P), ("vbits", I), ("vgroup", I), ("scaling", ctypes.c_float), ("out", P)]
 
 
 def _scope(channels, outlier_values, outlier_scales, outlier_index, outlier_bits) -> int | None:

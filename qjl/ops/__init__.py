@@ -12,8 +12,9 @@ function never branch on the device. docs/ARCHITECTURE.md lists the ops and the 
                                                                and its exact tokens, for a query chunk
 """
 
-from .attention import causal_mask, sketch_attention, turbo_attention
+from .attention import sketch_attention, turbo_attention
 from .codes import PACK_BITS, pack_codes, packed_bytes, pair_index, unpack_codes, unpack_codes_float
+from .dense import causal_mask
 from .encode import int_quantize, norm_codes, scalar_quantize, sign_bits, vq_nearest
 from .scores import VALUE_BLOCK, lookup_weighted_sum, table_dots
 from .tables import byte_codes, byte_sign_table, byte_table

@@ -16,16 +16,10 @@ import torch
 from torch import Tensor
 
 from . import dense
+from .dense import causal_mask
 from .codes import pair_index, unpack_codes, unpack_codes_float
 from .scores import lookup_weighted_sum, table_dots
 from .tables import byte_onehot, byte_sign_table, byte_table, pair_onehot
-
-
-def causal_mask(q_len: int, kv_len: int, device) -> Tensor:
-    """bool [q_len, kv_len]: query i (the last q_len positions) sees keys j <= kv_len - q_len + i."""
-    i = torch.arange(q_len, device=device).unsqueeze(1)
-    j = torch.arange(kv_len, device=device).unsqueeze(0)
-    return j <= (kv_len - q_len) + i
 
 
 def _exact(parts: list[Tensor]) -> Tensor:

@@ -26,6 +26,13 @@ from .codes import pair_index, unpack_codes
 MIN_ROWS = 64
 
 
+def causal_mask(q_len: int, kv_len: int, device) -> Tensor:
+    """bool [q_len, kv_len]: query i (the last q_len positions) sees keys j <= kv_len - q_len + i."""
+    i = torch.arange(q_len, device=device).unsqueeze(1)
+    j = torch.arange(kv_len, device=device).unsqueeze(0)
+    return j <= (kv_len - q_len) + i
+
+
 # Floats of the additive mask a biased chunk builds at once (query rows x heads x keys): 256 MiB.
 BIAS_FLOATS = 1 << 26
 
@@ -64,14 +71,14 @@ def _biased_chunk(q: Tensor, keys: list[Tensor], values: list[Tensor], scaling: 
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     rows = max(1, BIAS_FLOATS // (B * Hq * N))
+    seen = causal_mask(L, N, q.device)
     out = []
     for a in range(0, L, rows):
         qb = q[:, :, a:a + rows]
         n = qb.shape[2]
         mask = torch.zeros(B, Hq, n, N, device=q.device)
         mask[..., :n0] = bias(qb.float().reshape(B, H, g * n, D)).reshape(B, Hq, n, n0)
-        seen = torch.arange(N, device=q.device) <= (N - L + a) + torch.arange(n, device=q.device).unsqueeze(1)
-        mask.masked_fill_(~seen, float("-inf"))
+        mask.masked_fill_(~seen[a:a + n], float("-inf"))
         out.append(F.scaled_dot_product_attention(qb, k, v, attn_mask=mask.to(dtype), scale=scaling))
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
