@@ -377,3 +377,12 @@ def test_the_softmax_correction_gives_exact_tokens_back_their_share():
     bias = {c: sum(got - ref for got, ref in (_exact_share(c, s) for s in range(3))) / 3 for c in (0.0, 0.75)}
     assert bias[0.0] < -0.002, bias  # uncorrected: about -40% of the exact tokens' 0.7-1.4% share
     assert abs(bias[0.75]) < 0.5 * abs(bias[0.0]), bias
+
+
+@pytest.mark.parametrize("bad", [-0.5, 4.5])
+def test_a_softmax_correction_out_of_range_is_a_config_error(bad):
+    from qjl.config import ConfigError, QJLConfig
+
+    with pytest.raises(ConfigError, match="sketch_softmax_correction must be 0 to 4"):
+        QJLConfig(kv="qjl", sketch_softmax_correction=bad)
+    assert QJLConfig(kv="qjl", sketch_softmax_correction=0.0).sketch_softmax_correction == 0.0
