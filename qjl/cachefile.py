@@ -22,11 +22,13 @@ from .config import QJLConfig
 from .errors import CacheFileError
 
 FORMAT_NAME = "qjl-cache"
-FORMAT_VERSION = "6"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook;
+FORMAT_VERSION = "7"  # 2: exact sink tokens, LS-fitted turbo scales; 3: turbo values from a 4-D codebook;
 # 4: the model identity includes its dtype and revision (model_dtype, model_revision in the metadata);
 # 5: turbo's 8-bit scales (codes + steps per token group) and 2.25-bit values (9-bit codes, 512-point codebook);
 # 6: per-layer turbo bits (config turbo_layer_bits: a format-5 file's config lacks it and would read as layer 1's
-# values at 3 bits); format 6's unbiased scales are the same numbers in the same place, read alike
+# values at 3 bits); format 6's unbiased scales are the same numbers in the same place, read alike;
+# 7: --kv qjl's residual signs (config sketch_residual_weight: a format-6 file's config lacks it, and its signs
+# and norms would be read against a block-weighted projection)
 COMPRESSED_MODES = ("qjl", "turbo")  # = qjl.cache.COMPRESSED_MODES (tests/test_store.py holds them equal)
 # safetensors dtype codes -> (the dtype as str(torch.dtype) names it, bytes per element)
 DTYPES = {

@@ -2,8 +2,10 @@
 
 A key is k = mean + k_out + k_in: the head's mean key (optional, exact, fixed at the first encode), the
 outlier channels k_out (OutlierChannels, per head; or the paper's per token group, in fp16 with their
-indices), and the rest k_in, stored as sign(S k_in) packed 8 to a byte and ||k_in|| in fp16. Scores add the
-three parts: <q,k> = <q,mean> + <q,k_out> + c*||k_in||*<Sq, sign(S k_in)> (qjl/ops/attention.py).
+indices), and the rest k_in, stored as signs packed 8 to a byte and a scale in fp16. Scores add the three
+parts: <q,k> = <q,mean> + <q,k_out> + c*scale*<Sq, signs> (qjl/ops/attention.py). The paper's signs are
+sign(S k_in) with scale ||k_in||; residual signs (the default, qjl/sketch.py residual_signs) code what S's first
+rows leave of k_in in its later rows, with the scale that keeps the estimate unbiased along k_in.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .ops import sign_bits
 from .ops.attention import sketch_key_scores
 from .outliers import OutlierChannels
 from .shared import SharedMatrices
-from .sketch import jl_projection, jl_projection_on, sign_estimator_scale
+from .sketch import jl_projection, jl_projection_on, residual_constants, residual_signs, sign_estimator_scale
 
 
 class QJLKeys(SharedMatrices):
@@ -29,8 +31,9 @@ class QJLKeys(SharedMatrices):
 
     def __init__(self, projection: Tensor, head_dim: int, outliers: int, group_size: int,
                  center: bool, seed: int = 0, outlier_scope: str = "group", outlier_bits: int = 16,
-                 softmax_correction: float = 0.0):
-        self.projection = projection  # S: [m, D] float32
+                 softmax_correction: float = 0.0, residual_weight: float = 0.0):
+        self.projection = projection  # S: [m, D] float32 (block-weighted by residual_weight when it is > 0)
+        self.residual_weight = residual_weight
         self.seed = seed
         self.outlier_scope = outlier_scope
         self.channels = OutlierChannels(outliers, group_size, outlier_bits)  # scope "head"
@@ -40,10 +43,14 @@ class QJLKeys(SharedMatrices):
         self.group_size = group_size
         self.center = center
         self.sketch_dim = projection.shape[0]
-        self.scale = sign_estimator_scale(self.sketch_dim, head_dim)
-        # The sign estimate's variance per unit of ||q'||^2 ||k_in||^2 - <q',k_in>^2 with orthogonal sketch rows,
-        # (pi/2 - 1)/m, times the softmax correction (QJLConfig.sketch_softmax_correction; 0: none).
-        self.variance = softmax_correction * (math.pi / 2 - 1) / self.sketch_dim
+        # The estimate's constant c and its variance per unit of ||q'||^2 scale^2 - <q',k_in>^2: for the paper's
+        # signs with orthogonal sketch rows (pi/2 - 1)/m; for residual signs measured (qjl/sketch.py). Times the
+        # softmax correction (QJLConfig.sketch_softmax_correction; 0: none).
+        if residual_weight > 0:
+            self.scale, unit = residual_constants(self.sketch_dim, head_dim, outliers, residual_weight)
+        else:
+            self.scale, unit = sign_estimator_scale(self.sketch_dim, head_dim), (math.pi / 2 - 1) / self.sketch_dim
+        self.variance = softmax_correction * unit
         self.mean: Tensor | None = None  # [B, H, D] float32, set by the first encode
 
     @classmethod
@@ -51,14 +58,15 @@ class QJLKeys(SharedMatrices):
         m = config.sketch_dim(layer_idx, head_dim)
         # One seed per layer class (early / late), as the paper: layers of a class share S.
         seed = config.matrix_seed("early_projection" if layer_idx < config.early_layers else "projection")
-        return cls(jl_projection(m, head_dim, seed), head_dim, config.outliers(head_dim),
+        w = config.sketch_residual_weight
+        return cls(jl_projection(m, head_dim, seed, w), head_dim, config.outliers(head_dim),
                    config.group_size, config.center_keys, seed, config.outlier_scope, config.outlier_bits,
-                   config.sketch_softmax_correction)
+                   config.sketch_softmax_correction, w)
 
     def to(self, device) -> "QJLKeys":
         """Move the per-layer parameters; layers of a class keep sharing one projection."""
         m, d = self.projection.shape
-        self.projection = jl_projection_on(m, d, self.seed, str(torch.device(device)))
+        self.projection = jl_projection_on(m, d, self.seed, str(torch.device(device)), self.residual_weight)
         if self.mean is not None:
             self.mean = self.mean.to(device)
         if self.head_outliers is not None:
@@ -83,12 +91,14 @@ class QJLKeys(SharedMatrices):
             k = k - self.mean.unsqueeze(2)
         state: dict[str, Tensor] = {}
         r = self.outliers
+        keep = None  # 1 on the channels the sketch covers
         if r and self.outlier_scope == "head":
             if self.head_outliers is None:
                 self.head_outliers = self.channels.choose(k, query_energy)  # [B, H, r]
             hidx = self.head_outliers.unsqueeze(2).expand(B, H, T, r)
             state.update(self.channels.encode(k.gather(3, hidx)))
             k = k.scatter(3, hidx, 0.0)
+            keep = torch.ones_like(k[:, :, :1]).scatter(3, self.head_outliers.unsqueeze(2), 0.0)
         elif r:
             kg = k.view(B, H, T // G, G, D)
             idx = kg.norm(dim=3).topk(r, dim=-1).indices.sort(dim=-1).values  # [B, H, NG, r]
@@ -96,9 +106,18 @@ class QJLKeys(SharedMatrices):
             state["key_outlier_values"] = kg.gather(4, gidx).reshape(B, H, T, r).to(torch.float16)
             state["key_outlier_index"] = idx.to(self._index_dtype())
             k = kg.scatter(4, gidx, 0.0).view(B, H, T, D)
-        state["key_signs"] = sign_bits(k @ self.projection.T)  # [B, H, T, m/8]
-        state["key_norms"] = k.norm(dim=-1).to(torch.float16)
+            keep = torch.ones_like(kg).scatter(4, gidx, 0.0).view(B, H, T, D)
+        state["key_signs"], state["key_norms"] = self._sketch(k, keep)
         return state
+
+    def _sketch(self, k: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Packed signs [B, H, T, m/8] and fp16 scales [B, H, T] of the sketched channels k (the rest zero)."""
+        if self.residual_weight <= 0:
+            return sign_bits(k @ self.projection.T), k.norm(dim=-1).to(torch.float16)
+        signs = residual_signs(k, self.projection, keep)
+        along = self.scale * (k * (signs @ self.projection)).sum(-1)  # c <S^T signs, k>: > 0 unless k is 0
+        scale = torch.where(along > 0, k.pow(2).sum(-1) / along.clamp_min(1e-30), torch.zeros_like(along))
+        return sign_bits(signs), scale.to(torch.float16)
 
     def _index_dtype(self) -> torch.dtype:
         return torch.uint8 if self.head_dim <= 256 else torch.int16

@@ -25,8 +25,10 @@ from qjl.config import QJLConfig
 from qjl.models import load_model
 
 # The qjl mode's defaults before cache format 6's changes (2d sketch, 8 channels apart, min/max values, no softmax
-# correction), and as measured before sink tokens existed
-QJL6 = QJLConfig(kv="qjl", sketch_ratio=2.0, outlier_fraction=1 / 8, value_fit=False, sketch_softmax_correction=0.0)
+# correction, the paper's signs), and as measured before sink tokens existed
+QJL6 = QJLConfig(kv="qjl", sketch_ratio=2.0, outlier_fraction=1 / 8, value_fit=False, sketch_softmax_correction=0.0,
+                 sketch_residual_weight=0.0)
+PAPER_SIGNS = QJLConfig(kv="qjl", sketch_residual_weight=0.0)  # the qjl mode of format 6, before residual signs
 QJL = QJL6.replace(sink_tokens=0)
 PAPER = QJL.replace(center_keys=False, outlier_scope="group", outlier_fraction=1 / 16, outlier_bits=16,
                   early_layers=2, value_group=32, buffer=128)  # the paper's recipe, group outliers kept in fp16
@@ -131,18 +133,24 @@ PRESETS = {
     },
     # Issue 16: the qjl mode's sketch logits lowered by half their variance (sketch_softmax_correction).
     "softmax": {
-        "qjl default (softmax correction 0.75)": QJLConfig(kv="qjl"),
-        "qjl, no softmax correction": QJLConfig(kv="qjl", sketch_softmax_correction=0.0),
-        "qjl, 16 apart, m = 1.375d, correction 0.75": QJLConfig(kv="qjl", outlier_fraction=1 / 4, sketch_ratio=1.375),
+        "qjl default (softmax correction 0.75)": PAPER_SIGNS,
+        "qjl, no softmax correction": PAPER_SIGNS.replace(sketch_softmax_correction=0.0),
+        "qjl, 16 apart, m = 1.375d, correction 0.75": PAPER_SIGNS.replace(outlier_fraction=1 / 4, sketch_ratio=1.375),
+    },
+    # Issue 16, cache format 7: the qjl mode's later sketch rows sign the residual (sketch_residual_weight).
+    "residual": {
+        "qjl default (residual signs, weight 0.65)": QJLConfig(kv="qjl"),
+        "qjl, the paper's signs (format 6's default)": PAPER_SIGNS,
+        "qjl, residual signs, no softmax correction": QJLConfig(kv="qjl", sketch_softmax_correction=0.0),
     },
     # Issue 16: the qjl mode's keys with 16 channels apart and an 11/8 d sketch, the same bits as 8 and 2d (better
     # perplexity and KL on every genre, but 3/5 in tests/test_answers.py: not the default).
     "qjlkeys": {
-        "qjl default (8 apart, m = 2d, fitted values)": QJLConfig(kv="qjl", sketch_softmax_correction=0.0),
-        "qjl, 16 apart, m = 1.375d": QJLConfig(kv="qjl", outlier_fraction=1 / 4, sketch_ratio=1.375,
-                                                sketch_softmax_correction=0.0),
-        "qjl, 16 apart, m = 1.5d (+0.06 bits)": QJLConfig(kv="qjl", outlier_fraction=1 / 4, sketch_ratio=1.5,
-                                                           sketch_softmax_correction=0.0),
+        "qjl default (8 apart, m = 2d, fitted values)": PAPER_SIGNS.replace(sketch_softmax_correction=0.0),
+        "qjl, 16 apart, m = 1.375d": PAPER_SIGNS.replace(outlier_fraction=1 / 4, sketch_ratio=1.375,
+                                                         sketch_softmax_correction=0.0),
+        "qjl, 16 apart, m = 1.5d (+0.06 bits)": PAPER_SIGNS.replace(outlier_fraction=1 / 4, sketch_ratio=1.5,
+                                                                    sketch_softmax_correction=0.0),
     },
     # Issue 16: the 2.5-bit preset with twice the key channels apart, paid for by 2-bit values (vq4-256).
     "preset25": {

@@ -15,7 +15,7 @@ import qjl.attention  # noqa: F401  (registers attn_implementation "qjl")
 from qjl.attention import exact_attention
 from qjl.cache import QJLCache
 from qjl.config import QJLConfig
-from qjl.sketch import unpack_bits
+from qjl.sketch import residual_constants, unpack_bits
 
 DOC, TAIL = 600, 20
 # The QJL mode as these tests were written for: no sink tokens (tested on their own below).
@@ -183,13 +183,15 @@ def test_compressed_attention_matches_reference(heads, kv_heads, L):
         codec.head_outliers = None if saved is None else saved[:, h:h + 1]
         logits_c = codec.scores(qh, state_h)  # [B, 1, L, 128]
         codec.head_outliers = saved
-        # the softmax correction: half the sign estimate's variance, (pi/2 - 1)/m (|q'|^2 |k_in|^2 - est^2)+ * 0.75
+        # the softmax correction: half the sign estimate's variance, v (|q'|^2 scale^2 - est^2)+ * 0.75, with v
+        # residual signs' measured unit (qjl/sketch.py; the paper's signs: (pi/2 - 1)/m)
         qs = qh.clone()
         qs[..., saved[0, h]] = 0.0  # the query less its channels kept apart
         sgn = unpack_bits(state_h["key_signs"]).float() * 2 - 1  # [B, 1, T, m]
         n = state_h["key_norms"].float().unsqueeze(2)
         est = codec.scale * n * ((qs @ codec.projection.T) @ sgn.transpose(2, 3))
-        var = (math.pi / 2 - 1) / codec.sketch_dim * (qs.square().sum(-1, keepdim=True) * n ** 2 - est ** 2)
+        unit = residual_constants(codec.sketch_dim, D, D // 8, QJL.sketch_residual_weight)[1]
+        var = unit * (qs.square().sum(-1, keepdim=True) * n ** 2 - est ** 2)
         logits_c = (logits_c - 0.75 * var.clamp_min(0) / 2 * scaling) * scaling
         logits_e = (qh @ k_e[:, h:h + 1].transpose(2, 3)) * scaling  # [B, 1, L, n_e]
         for i in range(L):  # query i is position n_e - L + i of the exact part

@@ -245,11 +245,12 @@ def test_a_cache_of_another_dtype_is_refused_naming_both(tiny_folder, tmp_path):
     Session(fp32, QJLConfig()).load_cache(path, max_new_tokens=16)  # its own dtype loads
 
 
-@pytest.mark.parametrize("old", ["3", "4", "5"])
+@pytest.mark.parametrize("old", ["3", "4", "5", "6"])
 def test_a_file_of_an_older_format_version_is_refused_with_one_line(tiny_folder, tmp_path, old):
     """Files written before the identity held dtype and revision (version 3) would fail the identity check with a
-    misleading message, version 4's turbo scales and values are laid out otherwise than version 5's, and a version
-    5 config lacks turbo_layer_bits (its layer 1 would read as 3-bit values); the version says what happened."""
+    misleading message, version 4's turbo scales and values are laid out otherwise than version 5's, a version 5
+    config lacks turbo_layer_bits (its layer 1 would read as 3-bit values) and a version 6 one sketch_residual_weight
+    (its qjl signs would read against a block-weighted projection); the version says what happened."""
     from qjl.cachefile import FORMAT_VERSION
     from qjl.store import _file_tensors, cache_metadata, read_cache_file, write_cache_file
 
@@ -259,8 +260,8 @@ def test_a_file_of_an_older_format_version_is_refused_with_one_line(tiny_folder,
     meta = cache_metadata(session.cache, model_name="tiny", identity=loaded.identity, suffix_template="{question}")
     meta["format_version"] = old
     write_cache_file(tmp_path / "old.qjl", _file_tensors(session.cache), meta)
-    assert FORMAT_VERSION == "6"
-    with pytest.raises(CacheFileError, match=f"version '{old}', this qjl reads version 6; save the document again"):
+    assert FORMAT_VERSION == "7"
+    with pytest.raises(CacheFileError, match=f"version '{old}', this qjl reads version 7; save the document again"):
         read_cache_file(tmp_path / "old.qjl", loaded.model.config, loaded.identity)
 
 
