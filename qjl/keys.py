@@ -91,7 +91,7 @@ class QJLKeys(SharedMatrices):
             k = k - self.mean.unsqueeze(2)
         state: dict[str, Tensor] = {}
         r = self.outliers
-        keep = None  # 1 on the channels the sketch covers
+        keep = None  # 1 on the channels the sketch covers (per head; per-group outliers: None, all channels count)
         if r and self.outlier_scope == "head":
             if self.head_outliers is None:
                 self.head_outliers = self.channels.choose(k, query_energy)  # [B, H, r]
@@ -106,7 +106,6 @@ class QJLKeys(SharedMatrices):
             state["key_outlier_values"] = kg.gather(4, gidx).reshape(B, H, T, r).to(torch.float16)
             state["key_outlier_index"] = idx.to(self._index_dtype())
             k = kg.scatter(4, gidx, 0.0).view(B, H, T, D)
-            keep = torch.ones_like(kg).scatter(4, gidx, 0.0).view(B, H, T, D)
         state["key_signs"], state["key_norms"] = self._sketch(k, keep)
         return state
 
@@ -114,8 +113,8 @@ class QJLKeys(SharedMatrices):
         """Packed signs [B, H, T, m/8] and fp16 scales [B, H, T] of the sketched channels k (the rest zero)."""
         if self.residual_weight <= 0:
             return sign_bits(k @ self.projection.T), k.norm(dim=-1).to(torch.float16)
-        signs = residual_signs(k, self.projection, keep)
-        along = self.scale * (k * (signs @ self.projection)).sum(-1)  # c <S^T signs, k>: > 0 unless k is 0
+        signs, along = residual_signs(k, self.projection, keep)
+        along = self.scale * along  # c <S^T signs, k>: > 0 unless k is 0
         scale = torch.where(along > 0, k.pow(2).sum(-1) / along.clamp_min(1e-30), torch.zeros_like(along))
         return sign_bits(signs), scale.to(torch.float16)
 

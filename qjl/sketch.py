@@ -53,36 +53,36 @@ RESIDUAL_PASSES = 3  # alternating passes after the first, each block re-signed 
 
 
 def residual_signs(k: torch.Tensor, projection: torch.Tensor, keep: torch.Tensor | None = None,
-                   passes: int = RESIDUAL_PASSES) -> torch.Tensor:
-    """+-1 signs [..., m] of keys k [..., d] against a block-weighted projection [m, d] (jl_projection with a
-    block_weight): block 0 signs k itself; each later block signs what the blocks before it leave, the
-    reconstruction being a * sum_b S_b^T signs_b with a fitted to block 0; then `passes` rounds re-sign each
-    block given all the others. keep: 1 on the channels the sketch covers, 0 on those kept apart (their error
-    does not count), broadcastable to k. Sign convention of sign_bits: x > 0 is +1, otherwise -1."""
-    d = k.shape[-1]
-    blocks = [projection[i:i + d] for i in range(0, projection.shape[0], d)]
+                   passes: int = RESIDUAL_PASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    """+-1 signs [..., m] of keys k [..., d] against a block-weighted projection S [m, d] (jl_projection with a
+    block_weight), and <S^T signs, k> [...]. Block 0 signs k itself; each later block signs what the blocks
+    before it leave of k, the reconstruction being a * S^T signs with a fitted to block 0; then `passes` rounds
+    re-sign each block given all the others. keep: 1 on the channels the sketch covers, 0 on those kept apart
+    (their error does not count), one row per head ([..., 1, d] or [d]; None: every channel counts). Worked in
+    the signs' space: with G = S diag(keep) S^T, block i sees S_i (k - a S^T signs) = (S k)_i - a (signs G)_i.
+    Sign convention of sign_bits: x > 0 is +1, otherwise -1."""
+    d, m = k.shape[-1], projection.shape[0]
+    blocks = [slice(i, min(i + d, m)) for i in range(0, m, d)]
+    pk = k @ projection.T  # [..., m]
+    gram = (projection if keep is None else projection * keep) @ projection.T  # [m, m] or [..., m, m]
 
     def sign(x):
-        return torch.where(x > 0, 1.0, -1.0).to(k.dtype)
+        return x.gt(0).to(k.dtype).mul_(2).sub_(1)
 
-    def part(b, block):  # one block's contribution to the reconstruction, on the covered channels
-        v = b @ block
-        return v if keep is None else v * keep
+    def others(signs, i, upto):  # (sum over blocks j != i, j < upto, of signs_j G_ji) for block i
+        return sum(signs[j] @ gram[..., blocks[j], blocks[i]] for j in range(upto) if j != i)
 
-    signs, parts = [], []
-    rest = k
-    for i, block in enumerate(blocks):
-        signs.append(sign(rest @ block.T))
-        parts.append(part(signs[-1], block))
-        if i == 0:
-            scale = (parts[0] * k).sum(-1, keepdim=True) / parts[0].pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
-        rest = rest - scale * parts[-1]
+    signs = [sign(pk[..., blocks[0]])]
+    b0 = signs[0]
+    a = ((b0 * pk[..., blocks[0]]).sum(-1, keepdim=True)
+         / ((b0 @ gram[..., blocks[0], blocks[0]]) * b0).sum(-1, keepdim=True).clamp_min(1e-30))
+    for i in range(1, len(blocks)):
+        signs.append(sign(pk[..., blocks[i]] - a * others(signs, i, i)))
     for _ in range(passes if len(blocks) > 1 else 0):
-        for i, block in enumerate(blocks):
-            others = sum(p for j, p in enumerate(parts) if j != i)
-            signs[i] = sign((k - scale * others) @ block.T)
-            parts[i] = part(signs[i], block)
-    return torch.cat(signs, dim=-1)
+        for i in range(len(blocks)):
+            signs[i] = sign(pk[..., blocks[i]] - a * others(signs, i, len(blocks)))
+    out = torch.cat(signs, dim=-1)
+    return out, (out * pk).sum(-1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,8 +96,9 @@ def residual_constants(m: int, d: int, apart: int, block_weight: float) -> tuple
     k = torch.randn(4096, d, generator=gen, dtype=torch.float64) * keep
     q = torch.randn(4096, d, generator=gen, dtype=torch.float64) * keep
     s = jl_projection(m, d, 1, block_weight).double()
-    u = residual_signs(k, s, keep) @ s
-    unit = k.pow(2).sum(-1) / (u * k).sum(-1)  # the scale with c = 1
+    signs, along = residual_signs(k, s, keep)
+    u = signs @ s
+    unit = k.pow(2).sum(-1) / along  # the scale with c = 1
     c = (unit / k.norm(dim=-1)).mean().item()
     scale = unit / c
     est = c * scale * (q * u).sum(-1)

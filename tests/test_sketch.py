@@ -202,12 +202,13 @@ def test_residual_signs_without_passes_sign_the_key_then_what_the_first_block_le
     gen = torch.Generator().manual_seed(2)
     k = torch.randn(5, d, generator=gen, dtype=torch.float64)
     s = jl_projection(2 * d, d, 9, w).double()
-    signs = residual_signs(k, s, passes=0)
+    signs, along = residual_signs(k, s, passes=0)
     b1 = torch.where(k @ s[:d].T > 0, 1.0, -1.0).double()
     u1 = b1 @ s[:d]
     a = (u1 * k).sum(-1, keepdim=True) / u1.pow(2).sum(-1, keepdim=True)
     b2 = torch.where((k - a * u1) @ s[d:].T > 0, 1.0, -1.0).double()
     torch.testing.assert_close(signs, torch.cat([b1, b2], -1))
+    torch.testing.assert_close(along, ((signs @ s) * k).sum(-1))
 
 
 def _residual(q: torch.Tensor, k: torch.Tensor, m: int, seeds, weight: float = 0.65):
@@ -217,7 +218,7 @@ def _residual(q: torch.Tensor, k: torch.Tensor, m: int, seeds, weight: float = 0
     est, model = [], []
     for seed in seeds:
         s = jl_projection(m, d, seed, weight).double()
-        u = residual_signs(k.unsqueeze(0), s)[0] @ s  # S^T signs
+        u = residual_signs(k.unsqueeze(0), s)[0][0] @ s  # S^T signs
         scale = k.dot(k) / (c * u.dot(k))  # what QJLKeys stores: unbiased along k
         est.append(c * scale * u.dot(q))
         model.append(v * (q.dot(q) * scale ** 2 - est[-1] ** 2))
@@ -251,7 +252,7 @@ def test_alternating_passes_lower_the_reconstruction_error():
     s = jl_projection(2 * d, d, 13, w).double()
 
     def error(passes):  # relative squared error of the reconstruction with the least-squares scale
-        u = residual_signs(k, s, passes=passes) @ s
+        u = residual_signs(k, s, passes=passes)[0] @ s
         a = (u * k).sum(-1, keepdim=True) / u.pow(2).sum(-1, keepdim=True)
         return ((k - a * u).pow(2).sum(-1) / k.pow(2).sum(-1)).mean().item()
 
