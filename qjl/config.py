@@ -43,7 +43,9 @@ class QJLConfig:
     # the first block's signs leave of the key rather than the key itself, the blocks then re-signed in turn given
     # the others (3 passes), and each key's scale stored so the estimate stays unbiased along the key. The same
     # bits, the same estimate <Sq, signs> (ops and kernels unchanged); the logit error's variance is 2.2x lower
-    # (0.26/m against (pi/2 - 1)/m). 0 = the paper's signs, sign(S k). 0.65 measured best of 0.6/0.65/0.75.
+    # (0.26/m against (pi/2 - 1)/m). 0 = the paper's signs, sign(S k). 0.65: the least error on Gaussian keys; 0.6
+    # and 0.75 measured alike on code and numbers (KL within 4%). At 4,352 tokens ppl x1.028/1.047/1.081/1.057 ->
+    # x1.015/1.024/1.051/1.024 (prose, docs, code, numbers), KL -36% to -38% (BENCHMARKS.md "Residual signs").
     sketch_residual_weight: float = 0.65
     # Outlier channels kept apart from the sketch, as a fraction of head_dim (8 of 64, 16 of 128): they carry
     # most of a key's norm, and the sketch's noise grows with the norm it has to cover.

@@ -54,7 +54,7 @@ Examples:
   qjl bench --modes turbo,exact --repeat 5 --json > bench.json"""
 
 MODES_HELP = """\
-Modes: turbo (qjl's default), turbo-2.5 (turbo at about 2.5 bits; only when named), qjl (the paper's 1-bit keys), exact (transformers' ordinary cache: the
+Modes: turbo (qjl's default), turbo-2.5 (turbo at about 2.5 bits; only when named), qjl (1-bit sketch keys after the QJL paper), exact (transformers' ordinary cache: the
 reference), quanto-4bit, quanto-2bit, hqq-4bit (transformers' QuantizedCache; pip install 'qjl\\[peers]'),
 hqq-2bit (only when named). A peer that is not installed is a skipped row."""
 

@@ -36,12 +36,12 @@ Model = Annotated[Optional[str], typer.Option(
     help="Model: a Hugging Face id (org/name), a local model folder or a .gguf file. "
          "Default: $QJL_MODEL, else the embedded SmolLM2-135M-Instruct. A cache file needs the model that saved it.")]
 KV = Annotated[KVMode, typer.Option(
-    "--kv", help="KV cache: turbo (rotation + Lloyd-Max codes, about 3 bits a number), qjl (the paper's 1-bit JL "
-                 "keys), or exact (uncompressed, to compare; a cache file holds turbo or qjl).")]
+    "--kv", help="KV cache: turbo (rotation + Lloyd-Max codes, about 3 bits a number), qjl (1-bit JL sketch keys "
+                 "after the QJL paper), or exact (uncompressed, to compare; a cache file holds turbo or qjl).")]
 AskKV = Annotated[Optional[KVMode], typer.Option(
     "--kv", show_default="turbo",
-    help="KV cache: turbo (rotation + Lloyd-Max codes, about 3 bits a number), qjl (the paper's 1-bit JL "
-         "keys), or exact (uncompressed, to compare). A .qjl file answers in its own mode.")]
+    help="KV cache: turbo (rotation + Lloyd-Max codes, about 3 bits a number), qjl (1-bit JL sketch keys after the "
+         "QJL paper), or exact (uncompressed, to compare). A .qjl file answers in its own mode.")]
 Chat = Annotated[bool, typer.Option(
     "--chat", help="Make the questions (-q, --questions, stdin) a conversation: each answer sees the earlier "
                    "questions and answers. Without it each is answered from the document alone; an interactive "

@@ -51,7 +51,7 @@ MODES: dict[str, ModeSpec] = {m.name: m for m in (
     ModeSpec("turbo", "qjl's default: rotation + Lloyd-Max codes, ~3 bits", kv="turbo"),
     ModeSpec("turbo-2.5", "turbo at about 2.5 bits: 2-bit keys (+ 16 channels apart), 2-bit values (not in "
              "the default set)", kv="turbo", config=TURBO_PRESETS["2.5"], default=False),
-    ModeSpec("qjl", "the paper's 1-bit QJL keys + 2-bit values", kv="qjl"),
+    ModeSpec("qjl", "1-bit QJL keys (residual signs) + 2-bit values", kv="qjl"),
     ModeSpec("exact", "transformers' ordinary cache, the model's dtype (the reference)", kv="exact"),
     ModeSpec("quanto-4bit", "QuantizedCache, optimum-quanto int4, group 64, residual 128", backend="quanto",
              peer_kwargs=dict(nbits=4, axis_key=0, axis_value=0, **_WINDOW), module="optimum.quanto",
