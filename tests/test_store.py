@@ -387,31 +387,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(saved, tiny, tmp_path, m
 
 
 CHILD = r"""
-import os, sys, time, torch
+import sys, torch
 import qjl.store as store
 store._CHUNK_BYTES = 1 << 14  # many small writes: the signal lands mid-write
-_fdopen = os.fdopen
-
-
-class Slow:  # 2 ms a write (about 6 s for the file), so the parent's signal lands mid-write however busy the machine
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, b):
-        time.sleep(0.002)
-        return self.f.write(b)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self.f.__exit__(*exc)
-
-
-os.fdopen = lambda *a, **k: Slow(_fdopen(*a, **k))
 tensors = {"layers.0.window_keys": torch.ones(48 << 20, dtype=torch.uint8)}
 store.write_cache_file(sys.argv[1], tensors, {"format": "qjl-cache", "format_version": "1"})
 print("finished")
